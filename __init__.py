@@ -1,0 +1,23 @@
+"""LoRA Lab: train LoRA-family adapters inside ComfyUI.
+
+ComfyUI loads this folder from custom_nodes/ and calls ``comfy_entrypoint``. Node modules are
+imported lazily there, so the pack's library packages (adapters/, sampler/, dataset/, report/)
+stay importable without a running ComfyUI.
+"""
+
+WEB_DIRECTORY = "./js"
+
+
+async def comfy_entrypoint():
+    from comfy_api.latest import ComfyExtension
+
+    from .nodes_train import NODES
+
+    class LoraLabExtension(ComfyExtension):
+        async def get_node_list(self):
+            return list(NODES)
+
+    return LoraLabExtension()
+
+
+__all__ = ["WEB_DIRECTORY", "comfy_entrypoint"]

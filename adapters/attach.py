@@ -1,0 +1,51 @@
+"""Attaching an AdapterNetwork to a ComfyUI ModelPatcher.
+
+Bypass mode uses ComfyUI's PatcherInjection: on inject, each target layer gets an instance-level
+``forward`` returning ``base(x) + strength * f(x)``; on eject it is removed. ComfyUI ejects a
+patcher whenever another clone of the same model takes over, so hooks never leak into the base
+model (object patches would: 0.3.75 does not restore another clone's object patches).
+Weight-wrapper mode uses ``add_weight_wrapper``: ``W + strength * delta`` built on every forward.
+"""
+from __future__ import annotations
+
+import torch
+
+from comfy.patcher_extension import PatcherInjection
+
+from .network import COMFY_PREFIX, AdapterNetwork
+
+BYPASS_KEY = "loralab_bypass"
+
+
+def _hooked_forward(module: torch.nn.Module, adapter, strength: float):
+    base_forward = type(module).forward
+
+    def forward(x, *args, **kwargs):
+        return base_forward(module, x, *args, **kwargs) + adapter.forward_delta(x) * strength
+
+    return forward
+
+
+def attach_bypass(model_patcher, network: AdapterNetwork, strength: float = 1.0) -> None:
+    """Registers forward hooks for every adapter; they are live while the patcher is loaded."""
+    def inject(mp):
+        diffusion_model = mp.model.diffusion_model
+        for name, adapter in network.items():
+            module = diffusion_model.get_submodule(name)
+            module.forward = _hooked_forward(module, adapter, strength)
+
+    def eject(mp):
+        diffusion_model = mp.model.diffusion_model
+        for name, _ in network.items():
+            module = diffusion_model.get_submodule(name)
+            module.__dict__.pop("forward", None)
+
+    model_patcher.set_injections(BYPASS_KEY, [PatcherInjection(inject=inject, eject=eject)])
+
+
+def attach_weight_wrappers(model_patcher, network: AdapterNetwork, strength: float = 1.0) -> None:
+    """Applies each adapter as ``W + strength * delta_weight()`` through ComfyUI's weight wrappers."""
+    for name, adapter in network.items():
+        def wrapper(weight, adapter=adapter):
+            return weight + (adapter.delta_weight() * strength).to(weight.dtype)
+        model_patcher.add_weight_wrapper(f"{COMFY_PREFIX}{name}.weight", wrapper)

@@ -1,0 +1,62 @@
+"""Adapter files: atomic safetensors saves, loading with metadata, and output file names."""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+
+
+def save_adapter_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Writes a .safetensors file atomically: a temp file in the same folder, then a rename.
+
+    A crash or a bad tensor never leaves a half-written file under the final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        safetensors.torch.save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a .safetensors adapter file."""
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return tensors, metadata
+
+
+def next_lora_path(output_dir: str | os.PathLike, prefix: str, steps: int | None) -> Path:
+    """``{prefix}_{steps}_steps_{counter:05}_.safetensors`` with the next free counter.
+
+    ``prefix`` may contain sub-folders, but must stay inside ``output_dir``: anything else raises
+    ValueError naming the prefix.
+    """
+    output_dir = Path(output_dir).resolve()
+    if not prefix or prefix.strip() in (".", ""):
+        raise ValueError("prefix is empty: give a file name prefix such as 'loras/my_lora'")
+    if os.path.isabs(prefix) or "\x00" in prefix:
+        raise ValueError(f"prefix '{prefix}' must be a relative path inside the output directory")
+    target = (output_dir / prefix).resolve()
+    if target == output_dir or output_dir not in target.parents:
+        raise ValueError(f"prefix '{prefix}' points outside the output directory; use a relative name "
+                         "such as 'loras/my_lora'")
+    folder, base = target.parent, target.name
+    stem = f"{base}_{steps}_steps" if steps is not None else base
+    pattern = re.compile(re.escape(stem) + r"_(\d{5})_\.safetensors$")
+    counters = [int(m.group(1)) for p in (folder.iterdir() if folder.is_dir() else []) if (m := pattern.match(p.name))]
+    counter = max(counters, default=0) + 1
+    return folder / f"{stem}_{counter:05}_.safetensors"

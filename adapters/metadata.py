@@ -1,0 +1,90 @@
+"""Training facts embedded in saved adapters, in the keys kohya-aware tools display.
+
+A1111, Forge and civitai read kohya's ``ss_*`` keys and ``modelspec.*``; we write those plus a
+few ``loralab_*`` keys of our own. ``LoraStateDict`` carries the metadata alongside the tensors
+through the graph while still being a plain ``dict`` for ComfyUI's built-in LORA_MODEL nodes.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+NETWORK_MODULES = {"lora": "networks.lora"}
+
+# ComfyUI model config class -> (ss_base_model_version, modelspec architecture prefix)
+BASE_MODELS = {
+    "SD15": ("sd_v1", "stable-diffusion-v1"),
+    "SD20": ("sd_v2", "stable-diffusion-v2"),
+    "SDXL": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base"),
+}
+
+
+class LoraStateDict(dict):
+    """A LORA_MODEL value: tensors by key, plus ``metadata`` (str -> str) for the saver."""
+
+    def __init__(self, tensors=(), metadata: dict[str, str] | None = None):
+        super().__init__(tensors)
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+
+def metadata_of(lora) -> dict[str, str]:
+    """Metadata of a LORA_MODEL value; empty for a plain dict (e.g. from the native trainer)."""
+    return dict(getattr(lora, "metadata", {}) or {})
+
+
+def base_model_name(model_patcher) -> str:
+    """ComfyUI's name for the base model family (e.g. 'SD15'), from its model config."""
+    config = getattr(model_patcher.model, "model_config", None)
+    return type(config).__name__ if config is not None else type(model_patcher.model).__name__
+
+
+def steps_from_metadata(metadata: dict[str, str]) -> int:
+    """Steps already trained, as recorded by our saver or kohya's (0 when unknown)."""
+    for key in ("ss_steps", "loralab_steps"):
+        try:
+            return int(metadata[key])
+        except (KeyError, ValueError):
+            continue
+    return 0
+
+
+def training_metadata(*, algorithm: str, rank: int, alpha: float, steps: int, learning_rate: float,
+                      base_model: str, resolutions: list[tuple[int, int]], dataset_size: int,
+                      optimizer: str, loss_function: str, batch_size: int, seed: int,
+                      training_dtype: torch.dtype, target_layers: str, started_at: float | None = None,
+                      ) -> dict[str, str]:
+    """String metadata describing a training run (kohya ``ss_*``, ``modelspec.*``, ``loralab_*``)."""
+    base_version, arch = BASE_MODELS.get(base_model, (base_model.lower(), base_model.lower()))
+    width, height = max(resolutions, key=lambda r: r[0] * r[1]) if resolutions else (0, 0)
+    now = time.time()
+    return {
+        "ss_network_module": NETWORK_MODULES.get(algorithm, "lycoris.kohya"),
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": repr(float(alpha)),
+        "ss_steps": str(steps),
+        "ss_learning_rate": repr(float(learning_rate)),
+        "ss_unet_lr": repr(float(learning_rate)),
+        "ss_text_encoder_lr": "0.0",
+        "ss_network_train_unet_only": "True",
+        "ss_resolution": f"({width}, {height})",
+        "ss_bucket_info": json.dumps({"buckets": {str(i): {"resolution": list(r)} for i, r in enumerate(resolutions)}}),
+        "ss_num_train_images": str(dataset_size),
+        "ss_batch_size_per_device": str(batch_size),
+        "ss_optimizer": optimizer,
+        "ss_seed": str(seed),
+        "ss_mixed_precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(training_dtype, "no"),
+        "ss_base_model_version": base_version,
+        "ss_training_started_at": repr(float(started_at or now)),
+        "ss_training_finished_at": repr(float(now)),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{arch}/lora",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": "LoRA Lab adapter",
+        "loralab_algorithm": algorithm,
+        "loralab_base_model": base_model,
+        "loralab_loss_function": loss_function,
+        "loralab_target_layers": target_layers,
+        "loralab_steps": str(steps),
+    }

@@ -1,0 +1,96 @@
+"""Dataset nodes: image sets with captions, from a folder or from images already in the graph."""
+from __future__ import annotations
+
+import os
+
+import folder_paths
+from comfy_api.latest import io
+
+from .dataset import RESIZE_METHODS, load_image_set, load_selected_images, stack_images
+from .dataset.buckets import apply_buckets, tensor_to_pil
+
+CATEGORY = "LoRA Lab"
+
+
+def _outputs():
+    return [
+        io.Image.Output(display_name="images", is_output_list=True, tooltip="The images, one list entry each."),
+        io.String.Output(display_name="captions", is_output_list=True, tooltip="One caption per image."),
+    ]
+
+
+def _size_inputs():
+    return [
+        io.Combo.Input("resize_method", options=list(RESIZE_METHODS), default="Crop",
+                       tooltip="None keeps sizes; Stretch distorts; Crop cuts the centre; Pad adds black bars."),
+        io.Int.Input("width", default=512, min=8, max=8192, step=8, tooltip="Target width (ignored by None)."),
+        io.Int.Input("height", default=512, min=8, max=8192, step=8, tooltip="Target height (ignored by None)."),
+    ]
+
+
+def _finish(image_set, resize_method, width, height, bucketing):
+    if bucketing:
+        image_set = apply_buckets(image_set, width, height)
+    elif resize_method == "None":
+        stack_images(image_set)  # raises a clear error when sizes differ
+    return io.NodeOutput([img[None] for img in image_set.images], list(image_set.captions))
+
+
+class LoadImageSet(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoraLab_LoadImageSet",
+            display_name="Load Image Set (LoRA Lab)",
+            category=CATEGORY,
+            description="Loads every image of a folder under the input directory, with captions from same-named .txt files.",
+            inputs=[
+                io.Combo.Input("folder", options=folder_paths.get_input_subfolders(),
+                               tooltip="A folder under ComfyUI's input directory."),
+                *_size_inputs(),
+                io.String.Input("default_caption", default="", multiline=False,
+                                tooltip="Caption for images without a .txt file."),
+                io.Boolean.Input("bucketing", default=False,
+                                 tooltip="Keep each image's aspect ratio: crop it to the nearest bucket of about width x height pixels."),
+            ],
+            outputs=_outputs(),
+        )
+
+    @classmethod
+    def execute(cls, folder, resize_method, width, height, default_caption, bucketing):
+        path = os.path.join(folder_paths.get_input_directory(), folder)
+        image_set = load_image_set(path, "None" if bucketing else resize_method, width, height, default_caption)
+        return _finish(image_set, resize_method, width, height, bucketing)
+
+
+class ImageSetFromImages(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoraLab_ImageSetFromImages",
+            display_name="Image Set from Images (LoRA Lab)",
+            category=CATEGORY,
+            description="Makes a captioned image set from images you picked in the graph (e.g. Load Image nodes batched together).",
+            inputs=[
+                io.Image.Input("images", tooltip="The selected images (a batch)."),
+                io.String.Input("captions", default="", multiline=True,
+                                tooltip="One caption per line, in image order; a single line applies to every image."),
+                *_size_inputs(),
+                io.Boolean.Input("bucketing", default=False, tooltip="Crop each image to its nearest aspect bucket."),
+            ],
+            outputs=_outputs(),
+        )
+
+    @classmethod
+    def execute(cls, images, captions, resize_method, width, height, bucketing):
+        lines = [line.strip() for line in captions.splitlines() if line.strip()]
+        count = images.shape[0]
+        if len(lines) > 1 and len(lines) != count:
+            raise ValueError(f"captions has {len(lines)} lines but images has {count} images: "
+                             "give one line per image, or a single line for all")
+        default = lines[0] if len(lines) == 1 else ""
+        image_set = load_selected_images([tensor_to_pil(img) for img in images],
+                                         "None" if bucketing else resize_method, width, height, default)
+        if len(lines) > 1:
+            image_set.captions = lines
+        return _finish(image_set, resize_method, width, height, bucketing)

@@ -1,0 +1,196 @@
+"""LoRA Lab node classes (ComfyUI V3 schema). Thin: read widgets, validate, call the packages."""
+from __future__ import annotations
+
+import logging
+import os
+
+import comfy.sd
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io, ui
+
+from .adapters.files import load_adapter_file, next_lora_path, save_adapter_file
+from .adapters.metadata import metadata_of
+from .adapters.network import ALGORITHMS
+from .adapters.targets import DEFAULT_PRESET, PRESETS
+from .report.loss_plot import render_loss_plot
+from .sampler.dtypes import DTYPE_CHOICES
+from .sampler.lora_training import LoraTrainingRequest, train_lora
+from .sampler.objective import LOSS_FUNCTIONS
+from .sampler.optimizers import OPTIMIZERS
+from .sampler.train_sampler import TrainConfig
+from .nodes_dataset import LoadImageSet, ImageSetFromImages
+
+CATEGORY = "LoRA Lab"
+NO_LORA = "[None]"
+log = logging.getLogger("loralab")
+
+
+def _first(value):
+    """Scalar widget values arrive as one-element lists on is_input_list nodes."""
+    return value[0] if isinstance(value, list) else value
+
+
+class TrainLora(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoraLab_TrainLora",
+            display_name="Train LoRA (LoRA Lab)",
+            category=CATEGORY,
+            description="Trains a LoRA on the given latents and captions and returns the model with it applied.",
+            is_input_list=True,
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to train the LoRA on."),
+                io.Latent.Input("latents", tooltip="Training images, VAE-encoded. Images of different sizes are trained in per-size buckets."),
+                io.Conditioning.Input("positive", tooltip="One conditioning per image (encoded captions), or one for all images."),
+                io.Int.Input("batch_size", default=1, min=1, max=10000, tooltip="Images per step (capped at the size of a bucket)."),
+                io.Int.Input("grad_accumulation_steps", default=1, min=1, max=1024, tooltip="Micro-batches summed into each optimizer step."),
+                io.Int.Input("steps", default=16, min=1, max=100000, tooltip="Optimizer steps to train."),
+                io.Float.Input("learning_rate", default=0.0005, min=0.0000001, max=1.0, step=0.0000001, tooltip="Learning rate."),
+                io.Int.Input("rank", default=8, min=1, max=128, tooltip="LoRA rank (dimension)."),
+                io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="AdamW"),
+                io.Combo.Input("loss_function", options=list(LOSS_FUNCTIONS), default="MSE"),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Seeds adapter init, image order, noise and timesteps."),
+                io.Combo.Input("training_dtype", options=list(DTYPE_CHOICES), default="auto",
+                               tooltip="Compute dtype. auto picks bf16 only where the device runs it fast (fp32 on CPUs without bf16 instructions)."),
+                io.Combo.Input("lora_dtype", options=["auto", "fp32", "bf16", "fp16"], default="auto",
+                               tooltip="Adapter weight dtype. auto keeps fp32 master weights."),
+                io.Combo.Input("algorithm", options=list(ALGORITHMS), default="lora"),
+                io.Boolean.Input("gradient_checkpointing", default=True, tooltip="Recompute activations in the backward pass to save memory."),
+                io.Combo.Input("existing_lora", options=folder_paths.get_filename_list("loras") + [NO_LORA], default=NO_LORA,
+                               tooltip="Continue training this LoRA (from models/loras), or [None] to start fresh."),
+                io.Float.Input("alpha", default=1.0, min=0.0, max=1024.0, step=0.01, optional=True,
+                               tooltip="LoRA alpha; the update is scaled by alpha/rank."),
+                io.Combo.Input("target_layers", options=list(PRESETS), default=DEFAULT_PRESET, optional=True,
+                               tooltip="Which layers get an adapter."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The model with the trained LoRA applied."),
+                io.LoraModel.Output(display_name="lora", tooltip="The trained LoRA weights."),
+                io.LossMap.Output(display_name="loss_map", tooltip="Loss of every step."),
+                io.Int.Output(display_name="steps", tooltip="Total steps, including those of existing_lora."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, latents, positive, batch_size, grad_accumulation_steps, steps, learning_rate, rank,
+                optimizer, loss_function, seed, training_dtype, lora_dtype, algorithm, gradient_checkpointing,
+                existing_lora, alpha=None, target_layers=None):
+        existing_name = _first(existing_lora)
+        existing = None
+        if existing_name != NO_LORA:
+            path = folder_paths.get_full_path("loras", existing_name)
+            if path is None:
+                raise ValueError(f"existing_lora '{existing_name}' was not found in models/loras; refresh the node or pick [None]")
+            existing = load_adapter_file(path)
+        config = TrainConfig(
+            steps=_first(steps), batch_size=_first(batch_size), grad_accumulation_steps=_first(grad_accumulation_steps),
+            learning_rate=_first(learning_rate), optimizer=_first(optimizer), loss_function=_first(loss_function),
+            seed=_first(seed))
+        request = LoraTrainingRequest(
+            config=config, algorithm=_first(algorithm), rank=_first(rank),
+            alpha=1.0 if alpha is None else _first(alpha),
+            training_dtype=_first(training_dtype), lora_dtype=_first(lora_dtype),
+            gradient_checkpointing=_first(gradient_checkpointing),
+            target_layers=DEFAULT_PRESET if target_layers is None else _first(target_layers), existing=existing)
+        progress = comfy.utils.ProgressBar(config.steps)
+
+        def on_step(report):
+            progress.update_absolute(report.step, report.total)
+
+        result = train_lora(_first(model), latents, positive, request, on_step=on_step)
+        return io.NodeOutput(result.model, result.lora, {"loss": result.losses}, result.total_steps)
+
+
+class SaveLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoraLab_SaveLoRA",
+            display_name="Save LoRA (LoRA Lab)",
+            category=CATEGORY,
+            description="Saves a LoRA as .safetensors with its training metadata, under the output directory.",
+            is_output_node=True,
+            inputs=[
+                io.LoraModel.Input("lora", tooltip="The LoRA to save (from Train LoRA)."),
+                io.String.Input("prefix", default="loras/ComfyUI_trained_lora",
+                                tooltip="File name prefix, relative to the output directory."),
+                io.Int.Input("steps", optional=True, min=0, max=100000000, force_input=True,
+                             tooltip="Steps trained, used in the file name."),
+            ],
+            outputs=[],
+        )
+
+    @classmethod
+    def execute(cls, lora, prefix, steps=None):
+        if not isinstance(lora, dict) or not lora:
+            raise ValueError("lora is empty: connect the lora output of a Train LoRA node")
+        output_dir = folder_paths.get_output_directory()
+        path = next_lora_path(output_dir, prefix, steps)
+        metadata = metadata_of(lora)
+        if steps is not None:
+            metadata["ss_steps"] = str(steps)
+        save_adapter_file(path, dict(lora), metadata)
+        rel = os.path.relpath(path, output_dir)
+        log.info("LoRA Lab: saved %s", path)
+        return io.NodeOutput(ui={"lora_files": [{"filename": os.path.basename(rel),
+                                                 "subfolder": os.path.dirname(rel), "type": "output"}]})
+
+
+class LoadLoraModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoraLab_LoadLoraModel",
+            display_name="Apply LoRA (LoRA Lab)",
+            category=CATEGORY,
+            description="Applies a trained LoRA (LORA_MODEL) to a model.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model the LoRA will be applied to."),
+                io.LoraModel.Input("lora", tooltip="The LoRA to apply."),
+                io.Float.Input("strength_model", default=1.0, min=-100.0, max=100.0, step=0.01,
+                               tooltip="How strongly to apply the LoRA; may be negative."),
+            ],
+            outputs=[io.Model.Output(display_name="model", tooltip="The model with the LoRA applied.")],
+        )
+
+    @classmethod
+    def execute(cls, model, lora, strength_model):
+        if strength_model == 0:
+            return io.NodeOutput(model)
+        patched, _ = comfy.sd.load_lora_for_models(model, None, dict(lora), strength_model, 0)
+        return io.NodeOutput(patched)
+
+
+class LossGraph(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoraLab_LossGraph",
+            display_name="Plot Loss Graph (LoRA Lab)",
+            category=CATEGORY,
+            description="Plots the loss of a training run (raw and smoothed) and saves it as a PNG.",
+            is_output_node=True,
+            inputs=[
+                io.LossMap.Input("loss", tooltip="The loss_map output of Train LoRA."),
+                io.String.Input("filename_prefix", default="loss_graph", tooltip="File name prefix, relative to the output directory."),
+            ],
+            outputs=[],
+        )
+
+    @classmethod
+    def execute(cls, loss, filename_prefix):
+        values = [float(v) for v in (loss or {}).get("loss", [])]
+        if not values:
+            raise ValueError("loss has no values: connect the loss_map output of a Train LoRA node")
+        output_dir = folder_paths.get_output_directory()
+        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, output_dir)
+        filename = f"{name}_{counter:05}_.png"
+        render_loss_plot(values, os.path.join(folder, filename))
+        image = ui.SavedResult(filename, subfolder, io.FolderType.output)
+        # "images" shows the PNG as the node's preview; "loss" lets API clients read the values.
+        return io.NodeOutput(ui={"images": [image], "loss": values})
+
+
+NODES = [LoadImageSet, ImageSetFromImages, TrainLora, SaveLoRA, LoadLoraModel, LossGraph]

@@ -1,0 +1,97 @@
+"""TrainSampler: the gradient-step loop.
+
+Each optimizer step draws ``grad_accumulation_steps`` micro-batches; each is noised at random
+sigmas, denoised by the model (with the adapters attached to its patcher), and its loss in the
+model's prediction space is back-propagated, divided by the number of micro-batches so the
+accumulated gradient equals that of one large batch. Randomness comes from one seeded generator,
+so a run is reproducible from (seed, step).
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+import comfy.model_management
+
+from .objective import loss_function, model_loss, sample_sigmas
+from .optimizers import make_optimizer
+from .training_set import TrainingSet
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 16
+    batch_size: int = 1
+    grad_accumulation_steps: int = 1
+    learning_rate: float = 5e-4
+    optimizer: str = "AdamW"
+    loss_function: str = "MSE"
+    seed: int = 0
+    compute_dtype: torch.dtype = torch.float32
+
+
+@dataclass
+class StepReport:
+    step: int  # 1-based, within this run
+    total: int
+    loss: float
+    seconds: float
+
+
+class TrainSampler:
+    """Runs ``config.steps`` optimizer steps of the adapter parameters on a loaded model patcher."""
+
+    def __init__(self, model_patcher, parameters, training_set: TrainingSet, config: TrainConfig,
+                 on_step: Callable[[StepReport], None] | None = None):
+        self.patcher = model_patcher
+        self.parameters = [p for p in parameters if p.requires_grad]
+        if not self.parameters:
+            raise ValueError("nothing to train: the adapter has no trainable parameters")
+        self.data = training_set
+        self.config = config
+        self.on_step = on_step
+        self.loss_fn = loss_function(config.loss_function)
+        self.optimizer = make_optimizer(config.optimizer, self.parameters, config.learning_rate)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.device = model_patcher.load_device
+        half = config.compute_dtype in (torch.float16, torch.bfloat16)
+        self.autocast = (torch.autocast(self.device.type, dtype=config.compute_dtype) if half
+                         else contextlib.nullcontext())
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.compute_dtype == torch.float16)
+
+    def _micro_batch_loss(self) -> torch.Tensor:
+        sampling = self.patcher.model.model_sampling
+        x0, conds = self.data.draw(self.config.batch_size, self.generator)
+        noise = torch.randn(x0.shape, generator=self.generator, dtype=torch.float32).to(x0.device, x0.dtype)
+        sigma = sample_sigmas(sampling, torch.rand(x0.shape[0], generator=self.generator)).to(x0.device)
+        return model_loss(self.patcher, x0, conds, noise, sigma, self.loss_fn, autocast=self.autocast)
+
+    def step(self) -> float:
+        """One optimizer step over the accumulated micro-batches; returns their mean loss."""
+        accumulate = self.config.grad_accumulation_steps
+        total = torch.zeros((), dtype=torch.float32)
+        for _ in range(accumulate):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            loss = self._micro_batch_loss()
+            self.scaler.scale(loss / accumulate).backward()
+            total += loss.detach().float().cpu()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(total) / accumulate
+
+    def run(self) -> list[float]:
+        """All steps; returns the loss of each step. Raises ComfyUI's interrupt exception if stopped."""
+        losses = []
+        with torch.inference_mode(False), torch.enable_grad():
+            for i in range(self.config.steps):
+                start = time.perf_counter()
+                loss = self.step()
+                losses.append(loss)
+                if self.on_step:
+                    self.on_step(StepReport(i + 1, self.config.steps, loss, time.perf_counter() - start))
+        return losses

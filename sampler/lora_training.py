@@ -60,6 +60,27 @@ def release_patcher(model_patcher) -> None:
             return
 
 
+def replace_inference_tensors(module: torch.nn.Module) -> int:
+    """Swaps parameters/buffers created under inference mode for normal copies; returns how many.
+
+    ComfyUI's executor loads checkpoints inside ``torch.inference_mode()``; autograd refuses to
+    save such tensors for backward (e.g. a LayerNorm weight whose input needs grad). The copies
+    hold the same values, so every other user of the shared model sees no difference.
+    """
+    count = 0
+    with torch.inference_mode(False), torch.no_grad():
+        for sub in module.modules():
+            for name, param in list(sub._parameters.items()):
+                if param is not None and param.is_inference():
+                    sub._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=False)
+                    count += 1
+            for name, buf in list(sub._buffers.items()):
+                if buf is not None and buf.is_inference():
+                    sub._buffers[name] = buf.clone()
+                    count += 1
+    return count
+
+
 def _build_network(train_mp, request: LoraTrainingRequest, device, lora_dtype, targets) -> AdapterNetwork:
     if request.existing is None:
         network = AdapterNetwork.create(targets, request.algorithm, request.rank, request.alpha,
@@ -102,10 +123,15 @@ def train_lora(model_patcher, latents, positive, request: LoraTrainingRequest,
             if p.requires_grad:
                 p.requires_grad_(False)
         comfy.model_management.load_models_gpu([train_mp], force_full_load=True)
+        replace_inference_tensors(train_mp.model.diffusion_model)
         try:
             data = TrainingSet(train_mp.model, latents, positive, device)
             sampler = TrainSampler(train_mp, network.parameters(), data, request.config, on_step)
+            train_start = time.perf_counter()
             losses = sampler.run()
+            elapsed = time.perf_counter() - train_start
+            log.info("LoRA Lab: %d steps in %.1fs (%.2f s/step), loss %.4f -> %.4f", len(losses), elapsed,
+                     elapsed / max(1, len(losses)), losses[0], losses[-1])
         finally:
             release_patcher(train_mp)
         network.requires_grad_(False)

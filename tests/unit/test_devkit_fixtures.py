@@ -155,6 +155,31 @@ def test_comfyui_detects_sd15_and_loads_all_parts(comfy_modules, loaded, checkpo
     assert 500e6 < checkpoint_path.stat().st_size < 700e6  # fp16
 
 
+def test_every_stored_tensor_reaches_the_loaded_model(loaded, checkpoint_path):
+    """The key layout is the one ComfyUI maps: nothing is dropped or left at its random init."""
+    import torch
+    from safetensors.torch import load_file
+
+    model, clip, vae = loaded
+    targets = {
+        "model.diffusion_model.": ("", model.model.diffusion_model.state_dict()),
+        "cond_stage_model.transformer.": ("clip_l.transformer.", clip.cond_stage_model.state_dict()),
+        "first_stage_model.": ("", vae.first_stage_model.state_dict()),
+    }
+    stored = load_file(str(checkpoint_path))
+    counts = dict.fromkeys(targets, 0)
+    for key, tensor in stored.items():
+        prefix = next(p for p in targets if key.startswith(p))
+        new_prefix, loaded_sd = targets[prefix]
+        loaded_key = new_prefix + key[len(prefix):]
+        assert loaded_key in loaded_sd, key
+        assert torch.equal(loaded_sd[loaded_key].to(torch.float16), tensor), key
+        counts[prefix] += 1
+    assert counts["model.diffusion_model."] == len(targets["model.diffusion_model."][1])
+    assert counts["first_stage_model."] == len(targets["first_stage_model."][1])
+    assert counts["cond_stage_model.transformer."] >= 196  # all of CLIP-L's text model
+
+
 def test_unet_output_is_finite_nonzero_and_prompt_dependent(loaded):
     import torch
 
@@ -207,12 +232,13 @@ def test_vae_encodes_dataset_image_to_sane_latents(loaded, tmp_path):
     pixels = torch.from_numpy(np.stack([_rgb(p) for p in paths]).astype(np.float32) / 255.0)
     with torch.no_grad():
         latents = vae.encode(pixels)
-        decoded = vae.decode(latents)
+        decoded = vae.decode(latents[:1, :, :16, :16])  # a crop: the full-size decode is slow on CPU
     assert latents.shape == (2, 4, 32, 32) and torch.isfinite(latents).all()
     # Scaled by SD1.5's 0.18215 this is roughly unit std, like real SD latents.
     assert 2.0 < latents.std().item() < 12.0
     assert (latents[0] - latents[1]).abs().mean() > 0.1, "latents ignore the image"
-    assert decoded.shape == (2, 256, 256, 3) and torch.isfinite(decoded).all()
+    assert decoded.shape == (1, 128, 128, 3) and torch.isfinite(decoded).all()
+    assert decoded.std() > 1e-3, "decoder output is constant"
 
 
 def test_checkpoint_matches_a_fresh_build(checkpoint_path):
@@ -278,3 +304,13 @@ def test_atomic_write_leaves_no_temp_files(tmp_path, monkeypatch):
         tiny_model.build_tiny_sd15_checkpoint(target, seed=1)
     assert [p.name for p in target.parent.iterdir()] == ["m.safetensors"]
     assert tiny_model.read_stamp(target)["seed"] == 0, "the previous file must survive a failed write"
+
+
+def test_checkpoint_cli_prints_the_path(tmp_path, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(tiny_model, "build_state_dict", lambda seed=0: {"x": torch.ones(2, dtype=torch.float16)})
+    assert tiny_model.main(["--out", str(tmp_path), "--seed", "2"]) == 0
+    expected = tmp_path / tiny_model.CHECKPOINT_FILENAME
+    assert capsys.readouterr().out.strip() == str(expected)
+    assert tiny_model.read_stamp(expected)["seed"] == 2

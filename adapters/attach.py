@@ -21,7 +21,7 @@ def _hooked_forward(module: torch.nn.Module, adapter, strength: float):
     base_forward = type(module).forward
 
     def forward(x, *args, **kwargs):
-        return base_forward(module, x, *args, **kwargs) + adapter.forward_delta(x) * strength
+        return adapter.bypass(x, base_forward(module, x, *args, **kwargs), module, strength)
 
     return forward
 
@@ -44,8 +44,8 @@ def attach_bypass(model_patcher, network: AdapterNetwork, strength: float = 1.0)
 
 
 def attach_weight_wrappers(model_patcher, network: AdapterNetwork, strength: float = 1.0) -> None:
-    """Applies each adapter as ``W + strength * delta_weight()`` through ComfyUI's weight wrappers."""
+    """Applies each adapter as ``merged_weight(W, strength)`` through ComfyUI's weight wrappers."""
     for name, adapter in network.items():
         def wrapper(weight, adapter=adapter):
-            return weight + (adapter.delta_weight() * strength).to(weight.dtype)
+            return adapter.merged_weight(weight, strength)
         model_patcher.add_weight_wrapper(f"{COMFY_PREFIX}{name}.weight", wrapper)

@@ -70,7 +70,14 @@ def apply_base_op(spec: LayerSpec, x: torch.Tensor, weight: torch.Tensor) -> tor
 
 
 class Adapter(torch.nn.Module):
-    """Base class: subclasses set ``algorithm`` and implement the methods below."""
+    """Base class: subclasses set ``algorithm`` and implement the methods below.
+
+    The contract every algorithm keeps (and the tests check):
+    - ``merged_weight(W, s)`` is the weight ComfyUI's own LoRA loader computes at strength ``s``;
+    - ``bypass(x, base_out, module, s)`` equals the layer run with ``merged_weight(W, s)``, but
+      computed from the base output without building a full-size weight where the math allows;
+    - a freshly created adapter is an exact no-op.
+    """
 
     algorithm: str = ""
 
@@ -78,11 +85,36 @@ class Adapter(torch.nn.Module):
         super().__init__()
         self.spec = spec
 
-    def delta_weight(self) -> torch.Tensor:
+    @classmethod
+    def create(cls, spec: LayerSpec, rank: int, alpha: float, *, dtype=torch.float32, device=None,
+               generator: torch.Generator | None = None, **options) -> "Adapter":
+        """A fresh trainable adapter (an exact no-op) for a layer of this spec."""
+        return cls(spec, rank, alpha, dtype=dtype, device=device, generator=generator, **options)
+
+    @classmethod
+    def from_state_dict(cls, spec: LayerSpec, tensors: dict[str, torch.Tensor], *, dtype=torch.float32,
+                        device=None) -> "Adapter | None":
+        """Rebuilds from one layer's tensors keyed by suffix (``lora_up.weight``, ``alpha`` ...);
+        None when the tensors are not this algorithm's."""
         raise NotImplementedError
 
-    def forward_delta(self, x: torch.Tensor) -> torch.Tensor:
+    def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The full-size weight change at strength 1."""
         raise NotImplementedError
+
+    def merged_weight(self, base_weight: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+        """The layer weight with the adapter applied at ``strength`` (linear algorithms)."""
+        delta = self.delta_weight(base_weight)
+        return base_weight + (strength * delta).to(base_weight.dtype)
+
+    def forward_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's additive contribution to the output (algorithms with y = W x + f(x))."""
+        raise NotImplementedError
+
+    def bypass(self, x: torch.Tensor, base_out: torch.Tensor, module: torch.nn.Module,
+               strength: float = 1.0) -> torch.Tensor:
+        """The layer output with the adapter, given the base layer's own output for ``x``."""
+        return base_out + self.forward_delta(x) * strength
 
     def to_state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
         """Tensors under ``prefix`` + the algorithm's standard key suffixes."""

@@ -45,6 +45,15 @@ class LoRAAdapter(Adapter):
             adapter.lora_up.copy_(up.reshape(adapter.lora_up.shape).to(dtype))
         return adapter
 
+    @classmethod
+    def from_state_dict(cls, spec: LayerSpec, tensors: dict[str, torch.Tensor], *, dtype=torch.float32,
+                        device=None) -> "LoRAAdapter | None":
+        if "lora_up.weight" not in tensors or "lora_down.weight" not in tensors:
+            return None
+        alpha = tensors.get("alpha")
+        return cls.from_tensors(spec, tensors["lora_up.weight"], tensors["lora_down.weight"],
+                                None if alpha is None else float(alpha), dtype=dtype, device=device)
+
     @property
     def rank(self) -> int:
         return self.lora_down.shape[0]
@@ -53,7 +62,7 @@ class LoRAAdapter(Adapter):
     def scale(self) -> float:
         return float(self.alpha) / self.rank
 
-    def delta_weight(self) -> torch.Tensor:
+    def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         up = self.lora_up.flatten(1)
         down = self.lora_down.flatten(1)
         return (self.scale * (up @ down)).reshape(self.spec.weight_shape)

@@ -16,6 +16,19 @@ COMFY_PREFIX = "diffusion_model."
 ALGORITHMS = {"lora": LoRAAdapter}
 
 
+def _split_key(key: str, modules: dict[str, torch.nn.Module]) -> tuple[str | None, str]:
+    """('input_blocks.1.1.proj_in', 'lora_up.weight') for a ComfyUI-style key; (None, '') if no layer."""
+    if not key.startswith(COMFY_PREFIX):
+        return None, ""
+    rest = key[len(COMFY_PREFIX):]
+    parts = rest.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        layer = ".".join(parts[:cut])
+        if layer in modules:
+            return layer, ".".join(parts[cut:])
+    return None, ""
+
+
 class AdapterNetwork(torch.nn.Module):
     """Holds the adapters of one model, keyed by layer name, in a stable order."""
 
@@ -40,14 +53,15 @@ class AdapterNetwork(torch.nn.Module):
 
     @classmethod
     def create(cls, targets: list[Target], algorithm: str, rank: int, alpha: float, *,
-               dtype=torch.float32, device=None, seed: int = 0) -> "AdapterNetwork":
+               dtype=torch.float32, device=None, seed: int = 0, **options) -> "AdapterNetwork":
         """Fresh adapters (exact no-ops) for the target layers; init is deterministic in ``seed``."""
         if algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm '{algorithm}' is not available; choose one of {', '.join(ALGORITHMS)}")
         generator = torch.Generator().manual_seed(seed)
         adapter_cls = ALGORITHMS[algorithm]
         adapters = {
-            t.name: adapter_cls(LayerSpec.of(t.module), rank, alpha, dtype=dtype, device=device, generator=generator)
+            t.name: adapter_cls.create(LayerSpec.of(t.module), rank, alpha, dtype=dtype, device=device,
+                                       generator=generator, **options)
             for t in targets
         }
         return cls(adapters)
@@ -55,24 +69,26 @@ class AdapterNetwork(torch.nn.Module):
     @classmethod
     def from_state_dict(cls, modules: dict[str, torch.nn.Module], state: dict[str, torch.Tensor], *,
                         dtype=torch.float32, device=None) -> tuple["AdapterNetwork", list[str]]:
-        """Adapters found in a ComfyUI-style LoRA state dict; also returns the keys that matched no layer."""
+        """Adapters found in a ComfyUI-style state dict; also returns the keys that matched no layer."""
+        by_layer: dict[str, dict[str, torch.Tensor]] = {}
+        unmatched = []
+        for key, tensor in state.items():
+            layer, suffix = _split_key(key, modules)
+            if layer is None:
+                unmatched.append(key)
+            else:
+                by_layer.setdefault(layer, {})[suffix] = tensor
         adapters: dict[str, Adapter] = {}
-        used: set[str] = set()
-        for key in state:
-            if not key.endswith(".lora_down.weight"):
-                continue
-            layer_key = key[: -len(".lora_down.weight")]
-            name = layer_key[len(COMFY_PREFIX):] if layer_key.startswith(COMFY_PREFIX) else None
-            up_key = f"{layer_key}.lora_up.weight"
-            if name is None or name not in modules or up_key not in state:
-                continue
-            alpha_key = f"{layer_key}.alpha"
-            alpha = float(state[alpha_key]) if alpha_key in state else None
-            adapters[name] = LoRAAdapter.from_tensors(
-                LayerSpec.of(modules[name]), state[up_key], state[key], alpha, dtype=dtype, device=device)
-            used.update({key, up_key, alpha_key})
-        unmatched = sorted(k for k in state if k not in used)
-        return cls(adapters), unmatched
+        for layer, tensors in by_layer.items():
+            spec = LayerSpec.of(modules[layer])
+            for adapter_cls in ALGORITHMS.values():
+                adapter = adapter_cls.from_state_dict(spec, tensors, dtype=dtype, device=device)
+                if adapter is not None:
+                    adapters[layer] = adapter
+                    break
+            else:
+                unmatched.extend(f"{COMFY_PREFIX}{layer}.{suffix}" for suffix in tensors)
+        return cls(adapters), sorted(unmatched)
 
     def to_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """ComfyUI-style keys (``diffusion_model.<layer>.lora_up.weight`` ...), detached copies."""

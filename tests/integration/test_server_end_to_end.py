@@ -64,6 +64,8 @@ def template_run(server, object_info, comfy_base):
     prompt.update(texts)
     prompt.update(prediction_nodes([train, 0], pos, neg, "pred/trained", 210))
     prompt.update(prediction_nodes([ckpt, 0], pos, neg, "pred/base", 220))
+    (applied,) = nodes_of_type(prompt, "LoraLab_LoadLoraModel")
+    prompt.update(prediction_nodes([applied, 0], pos, neg, "pred/applied", 230))
     entry = server.run_prompt(prompt)
     assert execution_error(entry) is None, execution_error(entry)
     return {"entry": entry, "prompt": prompt, "steps": steps, "out": comfy_base / "output"}
@@ -115,4 +117,6 @@ def test_builtin_lora_loader_reproduces_trained_model(server, template_run, comf
     base, base_again = _latent(out / "base_00001_.latent"), _latent(out / "base_again_00001_.latent")
     assert (trained - base).abs().max() > 1e-2, "the LoRA changed nothing; the comparison would be vacuous"
     assert (builtin - trained).abs().max() < 1e-4
+    applied = _latent(out / "applied_00001_.latent")  # our Apply LoRA node on the LORA_MODEL output
+    assert (applied - trained).abs().max() < 1e-4
     assert (base_again - base).abs().max() == 0  # the trained adapter never leaked into the base model

@@ -2,6 +2,7 @@
 and hooks that never leak into the base model."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from loralab.adapters.attach import attach_bypass
@@ -48,3 +49,14 @@ def test_training_lowers_heldout_loss(sd15, motif_training_inputs):
     assert len(result.losses) == 32
     assert after < 0.9 * before, (before, after)
     assert heldout_loss(model, data, pairs) == before  # training never touched the base model
+
+
+def test_one_positive_is_repeated_and_a_count_mismatch_names_both(sd15, motif_training_inputs):
+    model, _, _ = sd15
+    latents, positive = motif_training_inputs
+    data = _eval_set(model, latents, positive[:1])
+    assert data.size == len(latents) == 8
+    crossattn = data.buckets[0].conds["c_crossattn"]
+    assert crossattn.shape[0] == 8 and torch.equal(crossattn[0], crossattn[7])
+    with pytest.raises(ValueError, match="positive has 3 conditionings but latents has 8 images"):
+        _eval_set(model, latents, positive[:3])

@@ -10,12 +10,14 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from .adapters.files import load_adapter_file, next_lora_path, save_adapter_file
+from .adapters.keys import DEFAULT_KEY_STYLE, KEY_STYLES, to_key_style
 from .adapters.metadata import metadata_of
 from .adapters.network import ALGORITHMS
 from .adapters.targets import DEFAULT_PRESET, PRESETS
+from .sampler import train_state
 from .report.loss_plot import render_loss_plot
 from .sampler.dtypes import DTYPE_CHOICES
-from .sampler.lora_training import LoraTrainingRequest, train_lora
+from .sampler.lora_training import ExistingAdapter, LoraTrainingRequest, train_lora
 from .sampler.objective import LOSS_FUNCTIONS
 from .sampler.optimizers import OPTIMIZERS
 from .sampler.train_sampler import TrainConfig
@@ -29,6 +31,17 @@ log = logging.getLogger("loralab")
 def _first(value):
     """Scalar widget values arrive as one-element lists on is_input_list nodes."""
     return value[0] if isinstance(value, list) else value
+
+
+def _load_existing(name: str) -> ExistingAdapter | None:
+    """The adapter file chosen as existing_lora, with its .trainstate sidecar when there is one."""
+    if name == NO_LORA:
+        return None
+    path = folder_paths.get_full_path("loras", name)
+    if path is None:
+        raise ValueError(f"existing_lora '{name}' was not found in models/loras; refresh the node or pick [None]")
+    tensors, metadata = load_adapter_file(path)
+    return ExistingAdapter(tensors, metadata, train_state.load(train_state.state_path_for(path)), name)
 
 
 class TrainLora(io.ComfyNode):
@@ -64,6 +77,16 @@ class TrainLora(io.ComfyNode):
                                tooltip="LoRA alpha; the update is scaled by alpha/rank."),
                 io.Combo.Input("target_layers", options=list(PRESETS), default=DEFAULT_PRESET, optional=True,
                                tooltip="Which layers get an adapter."),
+                io.String.Input("include_pattern", default="", optional=True,
+                                tooltip="Regular expression: only layers whose name matches train (e.g. 'attn2')."),
+                io.String.Input("exclude_pattern", default="", optional=True,
+                                tooltip="Regular expression: layers whose name matches are left out."),
+                io.Boolean.Input("train_norm_bias", default=False, optional=True,
+                                 tooltip="Also train offsets of norm weights and biases (.diff/.diff_b), as ComfyUI's native trainer always does."),
+                io.Boolean.Input("bypass_mode", default=True, optional=True,
+                                 tooltip="Run adapters as forward hooks (faster, less memory) instead of rebuilding weights every step."),
+                io.String.Input("captions", optional=True, force_input=True,
+                                tooltip="The captions, to record tag frequencies in the file's metadata."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the trained LoRA applied."),
@@ -76,14 +99,9 @@ class TrainLora(io.ComfyNode):
     @classmethod
     def execute(cls, model, latents, positive, batch_size, grad_accumulation_steps, steps, learning_rate, rank,
                 optimizer, loss_function, seed, training_dtype, lora_dtype, algorithm, gradient_checkpointing,
-                existing_lora, alpha=None, target_layers=None):
-        existing_name = _first(existing_lora)
-        existing = None
-        if existing_name != NO_LORA:
-            path = folder_paths.get_full_path("loras", existing_name)
-            if path is None:
-                raise ValueError(f"existing_lora '{existing_name}' was not found in models/loras; refresh the node or pick [None]")
-            existing = load_adapter_file(path)
+                existing_lora, alpha=None, target_layers=None, include_pattern=None, exclude_pattern=None,
+                train_norm_bias=None, bypass_mode=None, captions=None):
+        existing = _load_existing(_first(existing_lora))
         config = TrainConfig(
             steps=_first(steps), batch_size=_first(batch_size), grad_accumulation_steps=_first(grad_accumulation_steps),
             learning_rate=_first(learning_rate), optimizer=_first(optimizer), loss_function=_first(loss_function),
@@ -93,7 +111,10 @@ class TrainLora(io.ComfyNode):
             alpha=1.0 if alpha is None else _first(alpha),
             training_dtype=_first(training_dtype), lora_dtype=_first(lora_dtype),
             gradient_checkpointing=_first(gradient_checkpointing),
-            target_layers=DEFAULT_PRESET if target_layers is None else _first(target_layers), existing=existing)
+            target_layers=DEFAULT_PRESET if target_layers is None else _first(target_layers),
+            include_pattern=_first(include_pattern) or "", exclude_pattern=_first(exclude_pattern) or "",
+            train_norm_bias=bool(_first(train_norm_bias)), bypass_mode=True if bypass_mode is None else _first(bypass_mode),
+            existing=existing, captions=list(captions) if captions else None)
         progress = comfy.utils.ProgressBar(config.steps)
 
         def on_step(report):
@@ -118,20 +139,28 @@ class SaveLoRA(io.ComfyNode):
                                 tooltip="File name prefix, relative to the output directory."),
                 io.Int.Input("steps", optional=True, min=0, max=100000000, force_input=True,
                              tooltip="Steps trained, used in the file name."),
+                io.Combo.Input("key_style", options=list(KEY_STYLES), default=DEFAULT_KEY_STYLE, optional=True,
+                               tooltip="kohya: lora_unet_* names that A1111, Forge, civitai and diffusers read. "
+                                       "comfyui: diffusion_model.* names of ComfyUI's native trainer."),
             ],
             outputs=[],
         )
 
     @classmethod
-    def execute(cls, lora, prefix, steps=None):
+    def execute(cls, lora, prefix, steps=None, key_style=DEFAULT_KEY_STYLE):
         if not isinstance(lora, dict) or not lora:
             raise ValueError("lora is empty: connect the lora output of a Train LoRA node")
+        tensors = to_key_style(dict(lora), key_style, getattr(lora, "kohya_names", None))
         output_dir = folder_paths.get_output_directory()
         path = next_lora_path(output_dir, prefix, steps)
         metadata = metadata_of(lora)
+        metadata["loralab_key_style"] = key_style
         if steps is not None:
             metadata["ss_steps"] = str(steps)
-        save_adapter_file(path, dict(lora), metadata)
+        state = getattr(lora, "train_state", None)
+        if state is not None:  # written first: an adapter file never points at a missing state
+            train_state.save(train_state.state_path_for(path), *state)
+        save_adapter_file(path, tensors, metadata)
         rel = os.path.relpath(path, output_dir)
         log.info("LoRA Lab: saved %s", path)
         return io.NodeOutput(ui={"lora_files": [{"filename": os.path.basename(rel),

@@ -41,6 +41,7 @@ def attach_bypass(model_patcher, network: AdapterNetwork, strength: float = 1.0)
             module.__dict__.pop("forward", None)
 
     model_patcher.set_injections(BYPASS_KEY, [PatcherInjection(inject=inject, eject=eject)])
+    network.offsets.attach(model_patcher, COMFY_PREFIX, strength)
 
 
 def attach_weight_wrappers(model_patcher, network: AdapterNetwork, strength: float = 1.0) -> None:
@@ -49,3 +50,4 @@ def attach_weight_wrappers(model_patcher, network: AdapterNetwork, strength: flo
         def wrapper(weight, adapter=adapter):
             return adapter.merged_weight(weight, strength)
         model_patcher.add_weight_wrapper(f"{COMFY_PREFIX}{name}.weight", wrapper)
+    network.offsets.attach(model_patcher, COMFY_PREFIX, strength)

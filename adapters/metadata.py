@@ -11,7 +11,7 @@ import time
 
 import torch
 
-NETWORK_MODULES = {"lora": "networks.lora"}
+NETWORK_MODULES = {"lora": "networks.lora"}  # everything else is a LyCORIS algorithm
 
 # ComfyUI model config class -> (ss_base_model_version, modelspec architecture prefix)
 BASE_MODELS = {
@@ -50,17 +50,32 @@ def steps_from_metadata(metadata: dict[str, str]) -> int:
     return 0
 
 
+def tag_frequency(captions: list[str]) -> dict[str, int]:
+    """kohya's ss_tag_frequency counts: comma-separated caption parts, counted once per image."""
+    counts: dict[str, int] = {}
+    for caption in captions:
+        for tag in {t.strip() for t in caption.split(",") if t.strip()}:
+            counts[tag] = counts.get(tag, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def training_metadata(*, algorithm: str, rank: int, alpha: float, steps: int, learning_rate: float,
                       base_model: str, resolutions: list[tuple[int, int]], dataset_size: int,
                       optimizer: str, loss_function: str, batch_size: int, seed: int,
                       training_dtype: torch.dtype, target_layers: str, started_at: float | None = None,
-                      ) -> dict[str, str]:
+                      captions: list[str] | None = None, algorithm_options: dict | None = None,
+                      norm_bias: bool = False) -> dict[str, str]:
     """String metadata describing a training run (kohya ``ss_*``, ``modelspec.*``, ``loralab_*``)."""
     base_version, arch = BASE_MODELS.get(base_model, (base_model.lower(), base_model.lower()))
     width, height = max(resolutions, key=lambda r: r[0] * r[1]) if resolutions else (0, 0)
     now = time.time()
+    network_args = {"algo": algorithm, **{k: str(v) for k, v in (algorithm_options or {}).items()}}
+    if norm_bias:
+        network_args["train_norm"] = "True"
     return {
         "ss_network_module": NETWORK_MODULES.get(algorithm, "lycoris.kohya"),
+        "ss_network_args": json.dumps(network_args),
+        "ss_tag_frequency": json.dumps({"loralab": tag_frequency(captions or [])}),
         "ss_network_dim": str(rank),
         "ss_network_alpha": repr(float(alpha)),
         "ss_steps": str(steps),

@@ -9,33 +9,22 @@ from __future__ import annotations
 import torch
 
 from .base import Adapter, LayerSpec
+from .keys import COMFY_PREFIX, split_comfy_key
+from .offsets import OFFSET_SUFFIXES, OffsetSet
 from .lora import LoRAAdapter
 from .targets import Target
 
-COMFY_PREFIX = "diffusion_model."
 ALGORITHMS = {"lora": LoRAAdapter}
-
-
-def _split_key(key: str, modules: dict[str, torch.nn.Module]) -> tuple[str | None, str]:
-    """('input_blocks.1.1.proj_in', 'lora_up.weight') for a ComfyUI-style key; (None, '') if no layer."""
-    if not key.startswith(COMFY_PREFIX):
-        return None, ""
-    rest = key[len(COMFY_PREFIX):]
-    parts = rest.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        layer = ".".join(parts[:cut])
-        if layer in modules:
-            return layer, ".".join(parts[cut:])
-    return None, ""
 
 
 class AdapterNetwork(torch.nn.Module):
     """Holds the adapters of one model, keyed by layer name, in a stable order."""
 
-    def __init__(self, adapters: dict[str, Adapter]):
+    def __init__(self, adapters: dict[str, Adapter], offsets: OffsetSet | None = None):
         super().__init__()
         self.names = list(adapters)
         self.layers = torch.nn.ModuleList(adapters[n] for n in self.names)
+        self.offsets = offsets if offsets is not None else OffsetSet({})
 
     def items(self):
         return zip(self.names, self.layers)
@@ -53,8 +42,12 @@ class AdapterNetwork(torch.nn.Module):
 
     @classmethod
     def create(cls, targets: list[Target], algorithm: str, rank: int, alpha: float, *,
-               dtype=torch.float32, device=None, seed: int = 0, **options) -> "AdapterNetwork":
-        """Fresh adapters (exact no-ops) for the target layers; init is deterministic in ``seed``."""
+               dtype=torch.float32, device=None, seed: int = 0, offsets_of: torch.nn.Module | None = None,
+               **options) -> "AdapterNetwork":
+        """Fresh adapters (exact no-ops) for the target layers; init is deterministic in ``seed``.
+
+        ``offsets_of``: a diffusion model whose norm weights and biases also get trainable offsets.
+        """
         if algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm '{algorithm}' is not available; choose one of {', '.join(ALGORITHMS)}")
         generator = torch.Generator().manual_seed(seed)
@@ -64,23 +57,34 @@ class AdapterNetwork(torch.nn.Module):
                                        generator=generator, **options)
             for t in targets
         }
-        return cls(adapters)
+        offsets = OffsetSet.create(offsets_of, dtype=dtype, device=device) if offsets_of is not None else None
+        return cls(adapters, offsets)
 
     @classmethod
     def from_state_dict(cls, modules: dict[str, torch.nn.Module], state: dict[str, torch.Tensor], *,
                         dtype=torch.float32, device=None) -> tuple["AdapterNetwork", list[str]]:
         """Adapters found in a ComfyUI-style state dict; also returns the keys that matched no layer."""
         by_layer: dict[str, dict[str, torch.Tensor]] = {}
+        offset_tensors: dict[tuple[str, str], torch.Tensor] = {}
         unmatched = []
         for key, tensor in state.items():
-            layer, suffix = _split_key(key, modules)
+            layer, suffix = split_comfy_key(key, modules)
             if layer is None:
                 unmatched.append(key)
+            elif suffix in OFFSET_SUFFIXES:
+                offset_tensors[(layer, suffix)] = tensor
             else:
                 by_layer.setdefault(layer, {})[suffix] = tensor
+        offsets, rejected = OffsetSet.from_tensors(modules, offset_tensors, dtype=dtype, device=device)
+        unmatched.extend(f"{COMFY_PREFIX}{layer}.{suffix}" for layer, suffix in rejected)
         adapters: dict[str, Adapter] = {}
-        for layer, tensors in by_layer.items():
-            spec = LayerSpec.of(modules[layer])
+        order = {name: i for i, name in enumerate(modules)}  # creation order, not the file's sorted order
+        for layer, tensors in sorted(by_layer.items(), key=lambda item: order[item[0]]):
+            try:
+                spec = LayerSpec.of(modules[layer])
+            except TypeError:  # e.g. adapter keys on a norm layer
+                unmatched.extend(f"{COMFY_PREFIX}{layer}.{suffix}" for suffix in tensors)
+                continue
             for adapter_cls in ALGORITHMS.values():
                 adapter = adapter_cls.from_state_dict(spec, tensors, dtype=dtype, device=device)
                 if adapter is not None:
@@ -88,7 +92,7 @@ class AdapterNetwork(torch.nn.Module):
                     break
             else:
                 unmatched.extend(f"{COMFY_PREFIX}{layer}.{suffix}" for suffix in tensors)
-        return cls(adapters), sorted(unmatched)
+        return cls(adapters, offsets), sorted(unmatched)
 
     def to_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """ComfyUI-style keys (``diffusion_model.<layer>.lora_up.weight`` ...), detached copies."""
@@ -98,7 +102,16 @@ class AdapterNetwork(torch.nn.Module):
                 if dtype is not None and tensor.is_floating_point() and tensor.ndim > 0:
                     tensor = tensor.to(dtype)
                 out[key] = tensor.cpu()
+        out.update(self.offsets.to_state_dict(COMFY_PREFIX))
         return out
+
+    def named_trainables(self):
+        """(stable name, parameter) pairs: ``<layer>:<param>``, independent of creation order."""
+        for name, adapter in self.items():
+            for pname, param in adapter.named_parameters():
+                yield f"{name}:{pname}", param
+        for (layer, suffix), value in self.offsets.items():
+            yield f"{layer}:{suffix}", value
 
     def trainable_parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -1,4 +1,4 @@
-"""One LoRA training run on a ComfyUI model: set up, train, hand back model + adapter.
+"""One adapter training run on a ComfyUI model: set up, train, hand back model + adapter.
 
 Keeps the node thin: the node validates widget values and resolves files; this module wires the
 adapters, the training set and the TrainSampler onto a clone of the user's ModelPatcher, and
@@ -6,6 +6,7 @@ guarantees the training-only patches (checkpointing) never outlive the run.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -15,11 +16,11 @@ import torch
 
 import comfy.model_management
 
-from ..adapters.attach import attach_bypass
+from ..adapters.attach import attach_bypass, attach_weight_wrappers
+from ..adapters.keys import kohya_layer_names, to_comfy_keys
 from ..adapters.metadata import LoraStateDict, base_model_name, steps_from_metadata, training_metadata
 from ..adapters.network import AdapterNetwork
 from ..adapters.targets import DEFAULT_PRESET, select_targets
-
 from .checkpointing import attach_checkpointing
 from .dtypes import resolve_lora_dtype, resolve_training_dtype
 from .train_sampler import StepReport, TrainConfig, TrainSampler
@@ -29,21 +30,36 @@ log = logging.getLogger("loralab")
 
 
 @dataclass
+class ExistingAdapter:
+    """An adapter file to continue from, with its optional resumable training state."""
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    train_state: tuple | None = None
+    name: str = "existing_lora"
+
+
+@dataclass
 class LoraTrainingRequest:
     config: TrainConfig = field(default_factory=TrainConfig)
     algorithm: str = "lora"
     rank: int = 8
     alpha: float = 1.0
+    algorithm_options: dict = field(default_factory=dict)
     training_dtype: str = "auto"
     lora_dtype: str = "auto"
     gradient_checkpointing: bool = True
+    bypass_mode: bool = True
     target_layers: str = DEFAULT_PRESET
-    existing: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None  # (tensors, metadata)
+    include_pattern: str = ""
+    exclude_pattern: str = ""
+    train_norm_bias: bool = False
+    existing: ExistingAdapter | None = None
+    captions: list[str] | None = None
 
 
 @dataclass
 class LoraTrainingResult:
-    model: object  # ModelPatcher clone with the trained adapters attached (bypass)
+    model: object  # ModelPatcher clone with the trained adapters attached
     lora: LoraStateDict
     losses: list[float]
     total_steps: int
@@ -81,21 +97,32 @@ def replace_inference_tensors(module: torch.nn.Module) -> int:
     return count
 
 
-def _build_network(train_mp, request: LoraTrainingRequest, device, lora_dtype, targets) -> AdapterNetwork:
-    if request.existing is None:
-        network = AdapterNetwork.create(targets, request.algorithm, request.rank, request.alpha,
-                                        dtype=lora_dtype, device=device, seed=request.config.seed)
-    else:
-        tensors, _ = request.existing
-        modules = dict(train_mp.model.diffusion_model.named_modules())
-        network, unmatched = AdapterNetwork.from_state_dict(modules, tensors, dtype=lora_dtype, device=device)
-        if len(network) == 0 or unmatched:
-            shown = ", ".join(unmatched[:8]) or "(no LoRA keys at all)"
-            raise ValueError(
-                f"existing_lora does not fit this model: {len(unmatched)} keys matched no layer ({shown}). "
-                "Pick a LoRA trained on the same base model, or [None] to start fresh")
-    network.requires_grad_(True)
+def attach(model_patcher, network: AdapterNetwork, bypass: bool, strength: float = 1.0) -> None:
+    """Adapters as forward hooks (bypass) or as weight wrappers."""
+    (attach_bypass if bypass else attach_weight_wrappers)(model_patcher, network, strength)
+
+
+def load_existing(model, existing: ExistingAdapter, *, dtype, device) -> AdapterNetwork:
+    """The network stored in a file of any supported key style; errors list what did not fit."""
+    modules = dict(model.diffusion_model.named_modules())
+    layers = [n for n, m in modules.items() if isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))]
+    comfy_keys, unmatched = to_comfy_keys(existing.tensors, modules, kohya_layer_names(model, layers))
+    network, unfit = AdapterNetwork.from_state_dict(modules, comfy_keys, dtype=dtype, device=device)
+    unmatched += unfit
+    if len(network) == 0 or unmatched:
+        shown = ", ".join(unmatched[:8]) or "(no adapter keys at all)"
+        raise ValueError(
+            f"existing_lora '{existing.name}' does not fit this model: {len(unmatched)} of {len(existing.tensors)} "
+            f"keys matched no layer ({shown}). Pick a LoRA made for this base model, or [None] to start fresh")
     return network
+
+
+def _new_network(model, request: LoraTrainingRequest, *, dtype, device) -> AdapterNetwork:
+    dm = model.diffusion_model
+    targets = select_targets(dm, request.target_layers, request.include_pattern, request.exclude_pattern)
+    return AdapterNetwork.create(targets, request.algorithm, request.rank, request.alpha, dtype=dtype, device=device,
+                                 seed=request.config.seed, offsets_of=dm if request.train_norm_bias else None,
+                                 **request.algorithm_options)
 
 
 def train_lora(model_patcher, latents, positive, request: LoraTrainingRequest,
@@ -111,22 +138,26 @@ def train_lora(model_patcher, latents, positive, request: LoraTrainingRequest,
     train_mp = model_patcher.clone()
     if dtype != train_mp.model_dtype():
         train_mp.set_model_compute_dtype(dtype)
-    targets = select_targets(train_mp.model.diffusion_model, request.target_layers)
+    existing = request.existing
     with torch.inference_mode(False):
-        network = _build_network(train_mp, request, device, lora_dtype, targets)
-        log.info("LoRA Lab: training %d layers (%s), %d parameters", len(network), request.target_layers,
+        if existing is None:
+            network = _new_network(train_mp.model, request, dtype=lora_dtype, device=device)
+        else:
+            network = load_existing(train_mp.model, existing, dtype=lora_dtype, device=device)
+        network.requires_grad_(True)
+        log.info("LoRA Lab: training %s on %d layers%s, %d parameters", network.algorithm, len(network),
+                 f" + {len(network.offsets)} norm/bias offsets" if len(network.offsets) else "",
                  network.trainable_parameter_count())
-        attach_bypass(train_mp, network)
+        attach(train_mp, network, request.bypass_mode)
         if request.gradient_checkpointing:
-            attach_checkpointing(train_mp, skip={t.name for t in targets})
-        for p in train_mp.model.parameters():
-            if p.requires_grad:
-                p.requires_grad_(False)
+            attach_checkpointing(train_mp, skip=set(network.names))
         comfy.model_management.load_models_gpu([train_mp], force_full_load=True)
         replace_inference_tensors(train_mp.model.diffusion_model)
         try:
             data = TrainingSet(train_mp.model, latents, positive, device)
-            sampler = TrainSampler(train_mp, network.parameters(), data, request.config, on_step)
+            sampler = TrainSampler(train_mp, network.named_trainables(), data, request.config, on_step)
+            if existing is not None and existing.train_state is not None:
+                _restore(sampler, existing)
             train_start = time.perf_counter()
             losses = sampler.run()
             elapsed = time.perf_counter() - train_start
@@ -136,16 +167,40 @@ def train_lora(model_patcher, latents, positive, request: LoraTrainingRequest,
             release_patcher(train_mp)
         network.requires_grad_(False)
 
-    previous_steps = steps_from_metadata(request.existing[1]) if request.existing else 0
+    previous_steps = steps_from_metadata(existing.metadata) if existing else 0
     total_steps = previous_steps + request.config.steps
-    resolutions = [(s[-1] * 8, s[-2] * 8) for s in data.shapes]
+    first = network.layers[0]
     metadata = training_metadata(
-        algorithm=network.algorithm, rank=network.rank, alpha=float(network.layers[0].alpha),
+        algorithm=network.algorithm, rank=network.rank, alpha=float(getattr(first, "alpha", request.alpha)),
         steps=total_steps, learning_rate=request.config.learning_rate, base_model=base_model_name(model_patcher),
-        resolutions=resolutions, dataset_size=data.size, optimizer=request.config.optimizer,
-        loss_function=request.config.loss_function, batch_size=request.config.batch_size,
-        seed=request.config.seed, training_dtype=dtype, target_layers=request.target_layers, started_at=started)
+        resolutions=[(s[-1] * 8, s[-2] * 8) for s in data.shapes], dataset_size=data.size,
+        optimizer=request.config.optimizer, loss_function=request.config.loss_function,
+        batch_size=request.config.batch_size, seed=request.config.seed, training_dtype=dtype,
+        target_layers=request.target_layers, started_at=started, captions=request.captions,
+        algorithm_options=request.algorithm_options, norm_bias=len(network.offsets) > 0)
     out_mp = model_patcher.clone()
-    attach_bypass(out_mp, network)
+    attach(out_mp, network, request.bypass_mode)
     lora = LoraStateDict(network.to_state_dict(), metadata)
+    lora.kohya_names = kohya_layer_names(model_patcher.model, network.names + [l for (l, _), _ in network.offsets.items()])
+    lora.train_state = sampler.capture_state(_fingerprint(request, network))
     return LoraTrainingResult(out_mp, lora, losses, total_steps, network)
+
+
+def _fingerprint(request: LoraTrainingRequest, network: AdapterNetwork) -> dict:
+    return {"optimizer": request.config.optimizer, "algorithm": network.algorithm, "rank": network.rank,
+            "batch_size": request.config.batch_size, "seed": request.config.seed}
+
+
+def _restore(sampler: TrainSampler, existing: ExistingAdapter) -> None:
+    saved = json.loads(existing.train_state[1].get("fingerprint", "{}"))
+    if saved.get("optimizer") != sampler.config.optimizer:
+        log.warning("LoRA Lab: training state of '%s' was made with optimizer %s, not %s; continuing from the "
+                    "weights only", existing.name, saved.get("optimizer"), sampler.config.optimizer)
+        return
+    try:
+        sampler.restore_state(existing.train_state)
+        log.info("LoRA Lab: restored optimizer state, RNG and data order of '%s' (step %d)", existing.name,
+                 sampler.completed_steps)
+    except (ValueError, KeyError, RuntimeError) as e:
+        log.warning("LoRA Lab: training state of '%s' does not fit (%s); continuing from the weights only",
+                    existing.name, e)

@@ -18,6 +18,7 @@ import torch
 import comfy.model_management
 
 from .objective import loss_function, model_loss, sample_sigmas
+from . import train_state
 from .optimizers import make_optimizer
 from .training_set import TrainingSet
 
@@ -45,12 +46,15 @@ class StepReport:
 class TrainSampler:
     """Runs ``config.steps`` optimizer steps of the adapter parameters on a loaded model patcher."""
 
-    def __init__(self, model_patcher, parameters, training_set: TrainingSet, config: TrainConfig,
+    def __init__(self, model_patcher, named_parameters, training_set: TrainingSet, config: TrainConfig,
                  on_step: Callable[[StepReport], None] | None = None):
         self.patcher = model_patcher
-        self.parameters = [p for p in parameters if p.requires_grad]
-        if not self.parameters:
+        named = [(n, p) for n, p in named_parameters if p.requires_grad]
+        if not named:
             raise ValueError("nothing to train: the adapter has no trainable parameters")
+        self.names = [n for n, _ in named]
+        self.parameters = [p for _, p in named]
+        self.completed_steps = 0  # optimizer steps taken, including those of a restored state
         self.data = training_set
         self.config = config
         self.on_step = on_step
@@ -84,6 +88,19 @@ class TrainSampler:
         self.optimizer.zero_grad(set_to_none=True)
         return float(total) / accumulate
 
+    def capture_state(self, fingerprint: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Everything needed to continue exactly where this run stands (see train_state)."""
+        orders = [list(b.order) for b in self.data.buckets]
+        return train_state.capture(self.optimizer, self.names, self.generator, orders, self.completed_steps, fingerprint)
+
+    def restore_state(self, state) -> None:
+        """Continues from a captured state: optimizer moments, RNG, data order and step count."""
+        step, orders = train_state.restore(state, self.optimizer, self.names, self.generator)
+        self.completed_steps = step
+        if len(orders) == len(self.data.buckets):
+            for bucket, order in zip(self.data.buckets, orders):
+                bucket.order = list(order)
+
     def run(self) -> list[float]:
         """All steps; returns the loss of each step. Raises ComfyUI's interrupt exception if stopped."""
         losses = []
@@ -91,6 +108,7 @@ class TrainSampler:
             for i in range(self.config.steps):
                 start = time.perf_counter()
                 loss = self.step()
+                self.completed_steps += 1
                 losses.append(loss)
                 if self.on_step:
                     self.on_step(StepReport(i + 1, self.config.steps, loss, time.perf_counter() - start))

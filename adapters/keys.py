@@ -1,0 +1,91 @@
+"""Key styles of adapter files, and mapping any supported style back to model layers.
+
+- ``kohya`` (default, what A1111, Forge, civitai and diffusers read): ``lora_unet_<name>`` with
+  the name's dots as underscores. For UNet families (SD1.x/2.x/SDXL) the name is the *diffusers*
+  module path (``down_blocks_0_attentions_0_proj_in``), exactly as kohya sd-scripts writes it;
+  for DiT families it is the model's own module path.
+- ``comfyui``: ``diffusion_model.<module path>`` (ComfyUI's native trainer writes this).
+Suffixes (``.lora_up.weight``, ``.alpha``, ``.hada_w1_a`` ...) are the same in both.
+"""
+from __future__ import annotations
+
+import torch
+
+import comfy.utils
+
+COMFY_PREFIX = "diffusion_model."
+KOHYA_PREFIX = "lora_unet_"
+KEY_STYLES = ("kohya", "comfyui")
+DEFAULT_KEY_STYLE = "kohya"
+
+
+def kohya_layer_names(model, layer_names) -> dict[str, str]:
+    """{model layer path: kohya base name} for the given layers of a ComfyUI BaseModel."""
+    config = getattr(getattr(model, "model_config", None), "unet_config", None) or {}
+    diffusers = comfy.utils.unet_to_diffusers(config) if "num_res_blocks" in config else {}
+    by_model_key = {comfy_key: diff_key for diff_key, comfy_key in diffusers.items()}
+    names = {}
+    for layer in layer_names:
+        diffusers_key = by_model_key.get(f"{layer}.weight")
+        path = diffusers_key[: -len(".weight")] if diffusers_key else layer
+        names[layer] = KOHYA_PREFIX + path.replace(".", "_")
+    return names
+
+
+def split_comfy_key(key: str, modules) -> tuple[str | None, str]:
+    """('input_blocks.1.1.proj_in', 'lora_up.weight') for a ComfyUI-style key; (None, '') if no layer."""
+    if not key.startswith(COMFY_PREFIX):
+        return None, ""
+    rest = key[len(COMFY_PREFIX):]
+    parts = rest.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        layer = ".".join(parts[:cut])
+        if layer in modules:
+            return layer, ".".join(parts[cut:])
+    return None, ""
+
+
+def to_key_style(tensors: dict[str, torch.Tensor], style: str, kohya_names: dict[str, str] | None) -> dict[str, torch.Tensor]:
+    """Renames ComfyUI-style keys to ``style``; ``kohya_names`` maps layer path -> kohya name."""
+    if style not in KEY_STYLES:
+        raise ValueError(f"key_style '{style}' is unknown; choose one of {', '.join(KEY_STYLES)}")
+    if style == "comfyui":
+        return dict(tensors)
+    if not kohya_names:
+        raise ValueError("key_style 'kohya' needs the layer names of the trained model; this LoRA came "
+                         "without them (e.g. from ComfyUI's native trainer): save it with key_style 'comfyui'")
+    out = {}
+    by_length = sorted(kohya_names, key=len, reverse=True)
+    for key, tensor in tensors.items():
+        rest = key[len(COMFY_PREFIX):] if key.startswith(COMFY_PREFIX) else key
+        layer = next((l for l in by_length if rest.startswith(l + ".")), None)
+        if layer is None:
+            raise ValueError(f"key '{key}' names no trained layer, so it cannot be written in kohya style")
+        out[f"{kohya_names[layer]}.{rest[len(layer) + 1:]}"] = tensor
+    return out
+
+
+def to_comfy_keys(tensors: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module],
+                  kohya_names: dict[str, str]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Any supported style -> ComfyUI-style keys for this model; also the keys that matched no layer.
+
+    Accepts ``diffusion_model.*`` (ours, ComfyUI's native trainer), ``lora_unet_*`` with diffusers
+    names (kohya and tools that follow it) or with the model's own path, and ``lycoris_*``.
+    """
+    by_kohya = {name: layer for layer, name in kohya_names.items()}
+    own_path = {KOHYA_PREFIX + layer.replace(".", "_"): layer for layer in modules if layer}
+    out, unmatched = {}, []
+    for key, tensor in tensors.items():
+        layer, suffix = None, ""
+        if key.startswith(COMFY_PREFIX):
+            layer, suffix = split_comfy_key(key, modules)
+        elif "." in key:
+            base, suffix = key.split(".", 1)
+            if base.startswith("lycoris_"):
+                base = KOHYA_PREFIX + base[len("lycoris_"):]
+            layer = by_kohya.get(base) or own_path.get(base)
+        if layer is None:
+            unmatched.append(key)
+        else:
+            out[f"{COMFY_PREFIX}{layer}.{suffix}"] = tensor
+    return out, sorted(unmatched)

@@ -1,0 +1,86 @@
+"""Continuing training from a saved file, and bypass vs weight-wrapper equivalence, on the real
+tiny SD1.5 model loaded by ComfyUI in-process."""
+from __future__ import annotations
+
+import torch
+
+import comfy.model_management
+
+from loralab.adapters.files import load_adapter_file, save_adapter_file
+from loralab.adapters.network import AdapterNetwork
+from loralab.adapters.targets import select_targets
+from loralab.sampler import train_state
+from loralab.sampler.lora_training import ExistingAdapter, LoraTrainingRequest, attach, train_lora
+from loralab.sampler.objective import loss_function, model_loss, sample_sigmas
+from loralab.sampler.train_sampler import TrainConfig
+from loralab.sampler.training_set import TrainingSet
+
+
+def _request(steps, existing=None, **kw):
+    return LoraTrainingRequest(config=TrainConfig(steps=steps, learning_rate=1e-3, seed=7), rank=4, alpha=4.0,
+                               training_dtype="fp32", gradient_checkpointing=False, existing=existing, **kw)
+
+
+def _save(result, folder, name):
+    path = folder / f"{name}.safetensors"
+    save_adapter_file(path, dict(result.lora), result.lora.metadata)
+    train_state.save(train_state.state_path_for(path), *result.lora.train_state)
+    return path
+
+
+def _weights(network):
+    return {n: p.detach().clone() for n, p in network.named_trainables()}
+
+
+def test_continue_with_state_equals_one_uninterrupted_run(sd15, motif_training_inputs, tmp_path):
+    model, _, _ = sd15
+    latents, positive = motif_training_inputs
+    whole = train_lora(model, latents, positive, _request(6))
+    first = train_lora(model, latents, positive, _request(3))
+    path = _save(first, tmp_path, "first")
+    tensors, metadata = load_adapter_file(path)
+    state = train_state.load(train_state.state_path_for(path))
+    assert state is not None
+    resumed = train_lora(model, latents, positive, _request(3, ExistingAdapter(tensors, metadata, state, path.name)))
+    assert resumed.total_steps == 6
+    a, b = _weights(whole.network), _weights(resumed.network)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # without the state the weights start from the file's but the optimizer starts afresh
+    fresh = train_lora(model, latents, positive, _request(3, ExistingAdapter(tensors, metadata, None, path.name)))
+    c = _weights(fresh.network)
+    assert any(not torch.equal(a[n], c[n]) for n in a)
+    start = AdapterNetwork.from_state_dict(dict(model.model.diffusion_model.named_modules()), tensors)[0]
+    assert any(not torch.equal(p, c[n]) for n, p in _weights(start).items())  # it did train on
+
+
+def test_bypass_and_weight_wrappers_give_same_outputs_and_gradients(sd15, motif_training_inputs):
+    model, _, _ = sd15
+    latents, positive = motif_training_inputs
+    targets = select_targets(model.model.diffusion_model)
+    network = AdapterNetwork.create(targets, "lora", 4, 4.0, seed=1)
+    with torch.no_grad():
+        for layer in network.layers:
+            layer.lora_up.normal_(0, 0.02)
+    data = TrainingSet(model.model, latents[:2], positive[:2], model.load_device)
+    x0, conds = data.buckets[0].select(torch.tensor([0, 1]))
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(x0.shape, generator=g)
+    sigma = sample_sigmas(model.model.model_sampling, torch.tensor([0.3, 0.8]))
+    results = []
+    for bypass in (True, False):
+        patcher = model.clone()
+        attach(patcher, network, bypass)
+        comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+        network.zero_grad(set_to_none=True)
+        network.requires_grad_(True)
+        with torch.inference_mode(False), torch.enable_grad():
+            loss = model_loss(patcher, x0, conds, noise, sigma, loss_function("MSE"))
+            loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in network.named_trainables()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in grads_a.values())
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-3, atol=1e-6)

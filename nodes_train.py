@@ -12,7 +12,7 @@ from comfy_api.latest import io, ui
 from .adapters.files import load_adapter_file, next_lora_path, save_adapter_file
 from .adapters.keys import DEFAULT_KEY_STYLE, KEY_STYLES, to_key_style
 from .adapters.metadata import metadata_of
-from .adapters.network import ALGORITHMS
+from .adapters.registry import ALGORITHM_OPTIONS, ALGORITHMS
 from .adapters.targets import DEFAULT_PRESET, PRESETS
 from .sampler import train_state
 from .report.loss_plot import render_loss_plot
@@ -87,6 +87,16 @@ class TrainLora(io.ComfyNode):
                                  tooltip="Run adapters as forward hooks (faster, less memory) instead of rebuilding weights every step."),
                 io.String.Input("captions", optional=True, force_input=True,
                                 tooltip="The captions, to record tag frequencies in the file's metadata."),
+                io.Int.Input("lokr_factor", default=-1, min=-1, max=64, optional=True,
+                             tooltip="LoKr: Kronecker factor of the smaller block; -1 picks a balanced split."),
+                io.Boolean.Input("lokr_full_matrix", default=False, optional=True,
+                                 tooltip="LoKr: train the larger Kronecker block as a full matrix instead of low rank."),
+                io.Boolean.Input("lokr_decompose_both", default=False, optional=True,
+                                 tooltip="LoKr: make the smaller block low rank too."),
+                io.Float.Input("oft_constraint", default=0.0, min=0.0, max=10.0, step=0.0001, optional=True,
+                               tooltip="OFT/BOFT: limit on how far the rotation may move (COFT); 0 = none. For OFT/BOFT, rank is the block size."),
+                io.Int.Input("boft_m", default=0, min=0, max=16, optional=True,
+                             tooltip="BOFT: number of butterfly factors; 0 picks the most the layer allows."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the trained LoRA applied."),
@@ -100,14 +110,19 @@ class TrainLora(io.ComfyNode):
     def execute(cls, model, latents, positive, batch_size, grad_accumulation_steps, steps, learning_rate, rank,
                 optimizer, loss_function, seed, training_dtype, lora_dtype, algorithm, gradient_checkpointing,
                 existing_lora, alpha=None, target_layers=None, include_pattern=None, exclude_pattern=None,
-                train_norm_bias=None, bypass_mode=None, captions=None):
+                train_norm_bias=None, bypass_mode=None, captions=None, lokr_factor=None, lokr_full_matrix=None,
+                lokr_decompose_both=None, oft_constraint=None, boft_m=None):
         existing = _load_existing(_first(existing_lora))
         config = TrainConfig(
             steps=_first(steps), batch_size=_first(batch_size), grad_accumulation_steps=_first(grad_accumulation_steps),
             learning_rate=_first(learning_rate), optimizer=_first(optimizer), loss_function=_first(loss_function),
             seed=_first(seed))
+        chosen = {"factor": lokr_factor, "full_matrix": lokr_full_matrix, "decompose_both": lokr_decompose_both,
+                  "constraint": oft_constraint, "boft_m": boft_m}
+        accepted = ALGORITHM_OPTIONS.get(_first(algorithm), {})
+        options = {k: _first(v) for k, v in chosen.items() if k in accepted and v is not None}
         request = LoraTrainingRequest(
-            config=config, algorithm=_first(algorithm), rank=_first(rank),
+            config=config, algorithm=_first(algorithm), rank=_first(rank), algorithm_options=options,
             alpha=1.0 if alpha is None else _first(alpha),
             training_dtype=_first(training_dtype), lora_dtype=_first(lora_dtype),
             gradient_checkpointing=_first(gradient_checkpointing),

@@ -4,7 +4,7 @@ the input channels applied to the base weight itself, plus an ordinary LoRA.
 Layout is what ComfyUI's GLoRA loader reads as the current (not "old") format: ``a1.weight``
 [in, r], ``a2.weight`` [r, in] (for convs they mix input channels, per kernel tap), ``b1.weight``
 [out, r(, 1, 1)], ``b2.weight`` [r, in(, k, k)]. That loader takes the *old* format whenever
-rank == out == in on a 1x1/linear layer, so that shape is refused. ``a2`` and ``b1`` start at
+rank == out == in, so that shape is refused. ``a2`` and ``b1`` start at
 zero (step 0 is the base model) while ``a1`` and ``b2`` are random, so both get gradients.
 
 Bypass never builds dW: W a1 is only [out, r(, k, k)], so W a1 a2 x = (W a1)(a2 x) is a rank-r
@@ -33,7 +33,7 @@ class GLoRAAdapter(Adapter):
         if spec.groups != 1:
             raise ValueError("GLoRA on grouped convolutions is not supported")
         taps = math.prod(spec.kernel_size)
-        if taps == 1 and rank == spec.out_features == spec.in_features:
+        if rank == spec.out_features == spec.in_features:
             raise ValueError(f"GLoRA rank {rank} equals both dims of this layer; ComfyUI would read the "
                              "file in the old GLoRA layout. Use a smaller rank.")
         ones = [1] * spec.conv_dims

@@ -6,7 +6,8 @@ the conv kernel lives in w2. Options:
 - ``decompose_both``: w1 as w1_a @ w1_b too (only if rank < max(out_l, in_m) / 2, as LyCORIS);
 - ``full_matrix``: w2 as one full matrix; also used whenever rank >= max(out_k, in_n) / 2, where a
   low-rank w2 would not save anything (LyCORIS' rule).
-``scale`` is ComfyUI's: alpha / rank if any factor is low-rank, else 1 (alpha is then ignored).
+``scale`` is ComfyUI's: alpha / rank if any factor is low-rank, else 1 (alpha is then ignored, and
+saved as the rank, as LyCORIS does, so the file still tells the rank).
 The w2 side starts at zero (lokr_w2, or lokr_w2_b), so step 0 is the base model.
 
 Bypass never builds dW: (w1 (x) w2) x = vec(w1 X w2^T) with x reshaped to [in_m, in_n]; for a conv,
@@ -74,7 +75,8 @@ class LoKrAdapter(Adapter):
         self.names = tuple(params)
         for name, value in params.items():
             setattr(self, name, torch.nn.Parameter(value.to(device=device, dtype=dtype)))
-        self.register_buffer("alpha", torch.tensor(float(alpha)), persistent=False)
+        alpha = float(alpha) if (r1 or r2) else float(rank)
+        self.register_buffer("alpha", torch.tensor(alpha), persistent=False)
 
     @classmethod
     def from_state_dict(cls, spec: LayerSpec, tensors: dict[str, torch.Tensor], *, dtype=torch.float32,
@@ -89,10 +91,10 @@ class LoKrAdapter(Adapter):
         in_m = (tensors["lokr_w1"] if r1 is None else tensors["lokr_w1_b"]).shape[1]
         shapes = (out_l, spec.out_features // out_l, in_m, spec.in_features // in_m, r1, r2)
         alpha = tensors.get("alpha")
-        alpha = None if alpha is None else float(alpha)
-        rank = r2 or r1 or max(1, round(alpha or 1))
-        adapter = cls(spec, rank, float(r2 or r1 or 1) if alpha is None else alpha, dtype=dtype,
-                      device=device, shapes=shapes)
+        low = r2 or r1
+        rank = low or (max(1, round(float(alpha))) if alpha is not None else 1)
+        alpha = float(low or rank) if alpha is None else float(alpha)  # no alpha: scale 1, as ComfyUI
+        adapter = cls(spec, rank, alpha, dtype=dtype, device=device, shapes=shapes)
         with torch.no_grad():
             for name in adapter.names:
                 param = getattr(adapter, name)

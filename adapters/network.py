@@ -14,7 +14,7 @@ from .offsets import OFFSET_SUFFIXES, OffsetSet
 from .lora import LoRAAdapter
 from .targets import Target
 
-ALGORITHMS = {"lora": LoRAAdapter}
+from .registry import ALGORITHMS
 
 
 class AdapterNetwork(torch.nn.Module):

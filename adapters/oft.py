@@ -28,9 +28,8 @@ def cayley(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
     blocks = blocks.float()
     q = blocks - blocks.transpose(-1, -2)
     if constraint > 0:
-        q_norm = torch.linalg.vector_norm(q) + 1e-8
-        if q_norm > constraint:
-            q = q * (constraint / q_norm)
+        q_norm = torch.linalg.vector_norm(q) + 1e-8  # no host sync: where() instead of if
+        q = q * torch.where(q_norm > constraint, constraint / q_norm, torch.ones_like(q_norm))
     eye = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype)
     return torch.linalg.solve(eye - q, eye + q)  # (I - Q)^-1 (I + Q) == (I + Q)(I - Q)^-1
 

@@ -22,13 +22,15 @@ def node(class_type: str, **inputs) -> dict:
     return {"class_type": class_type, "inputs": inputs}
 
 
-def prediction_nodes(model_ref: list, positive_ref: list, negative_ref: list, prefix: str, id_base: int) -> dict:
-    """A fixed-seed 2-step KSampler from an empty 128px latent, saved as a .latent file."""
+def prediction_nodes(model_ref: list, positive_ref: list, negative_ref: list, prefix: str, id_base: int,
+                     size: int = 128) -> dict:
+    """The model's x0 prediction for fixed noise at the highest sigma: a 1-step euler KSampler from an
+    empty latent (one model evaluation; its output is the denoised estimate), saved as a .latent file."""
     a, b, c = str(id_base), str(id_base + 1), str(id_base + 2)
     return {
-        a: node("EmptyLatentImage", width=128, height=128, batch_size=1),
+        a: node("EmptyLatentImage", width=size, height=size, batch_size=1),
         b: node("KSampler", model=model_ref, positive=positive_ref, negative=negative_ref, latent_image=[a, 0],
-                seed=42, steps=2, cfg=1.0, sampler_name="euler", scheduler="normal", denoise=1.0),
+                seed=42, steps=1, cfg=1.0, sampler_name="euler", scheduler="normal", denoise=1.0),
         c: node("SaveLatent", samples=[b, 0], filename_prefix=prefix),
     }
 
@@ -60,3 +62,12 @@ def training_prompt(folder: str, steps: int = 1, resize_method: str = "Crop", pr
                            default_caption="other", bucketing=False)
         prompt["4"]["inputs"]["text"] = ["7", 1]
     return prompt
+
+
+SD15_LATENT_SCALE = 0.18215
+
+
+def load_prediction(path):
+    """A saved prediction in the model's own latent space (SaveLatent stores it scaled for the VAE)."""
+    import safetensors.torch
+    return safetensors.torch.load_file(str(path))["latent_tensor"] * SD15_LATENT_SCALE

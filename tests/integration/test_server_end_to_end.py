@@ -12,7 +12,7 @@ from PIL import Image
 from devkit.comfy_host import execution_error
 from devkit.workflow_api import nodes_of_type
 
-from server_graphs import CKPT, node, prediction_nodes, template_prompt, text_nodes
+from server_graphs import load_prediction, CKPT, node, prediction_nodes, template_prompt, text_nodes
 
 SEED_INPUTS = {
     "LoraLab_TrainLora": ["model", "latents", "positive", "batch_size", "grad_accumulation_steps", "steps",
@@ -45,17 +45,13 @@ def test_object_info_lists_every_node_with_its_inputs(object_info):
         assert object_info[node_id]["category"] == "LoRA Lab"
     train = object_info["LoraLab_TrainLora"]
     assert train["output"] == ["MODEL", "LORA_MODEL", "LOSS_MAP", "INT"]
-    assert train["input"]["required"]["algorithm"][1]["options"] == ["lora"]  # only what works is offered
+    assert set(train["input"]["required"]["algorithm"][1]["options"]) == {"lora", "dora", "loha", "lokr", "oft", "boft", "glora"}
     assert object_info["LoraLab_LoadLoraModel"]["input"]["required"]["strength_model"][1]["min"] == -100.0
-
-
-def _latent(path):
-    return safetensors.torch.load_file(str(path))["latent_tensor"]
 
 
 @pytest.fixture(scope="module")
 def template_run(server, object_info, comfy_base):
-    """The template graph, plus 2-step predictions from TrainLora's model and from the base model."""
+    """The template graph, plus predictions from TrainLora's model and from the base model."""
     steps = 8
     prompt = template_prompt(object_info, steps=steps, training_dtype="fp32", learning_rate=0.002, alpha=8.0)
     (train,) = nodes_of_type(prompt, "LoraLab_TrainLora")
@@ -113,10 +109,10 @@ def test_builtin_lora_loader_reproduces_trained_model(server, template_run, comf
     assert "lora key not loaded" not in log
 
     out = template_run["out"] / "pred"
-    trained, builtin = _latent(out / "trained_00001_.latent"), _latent(out / "builtin_00001_.latent")
-    base, base_again = _latent(out / "base_00001_.latent"), _latent(out / "base_again_00001_.latent")
+    trained, builtin = load_prediction(out / "trained_00001_.latent"), load_prediction(out / "builtin_00001_.latent")
+    base, base_again = load_prediction(out / "base_00001_.latent"), load_prediction(out / "base_again_00001_.latent")
     assert (trained - base).abs().max() > 1e-2, "the LoRA changed nothing; the comparison would be vacuous"
     assert (builtin - trained).abs().max() < 1e-4
-    applied = _latent(out / "applied_00001_.latent")  # our Apply LoRA node on the LORA_MODEL output
+    applied = load_prediction(out / "applied_00001_.latent")  # our Apply LoRA node on the LORA_MODEL output
     assert (applied - trained).abs().max() < 1e-4
     assert (base_again - base).abs().max() == 0  # the trained adapter never leaked into the base model

@@ -66,3 +66,18 @@ def test_create_is_deterministic_in_seed():
     make = lambda seed: AdapterNetwork.create([Target("l", layer)], "lora", 2, 1.0, seed=seed).layers[0].lora_down
     assert torch.equal(make(5), make(5))
     assert not torch.equal(make(5), make(6))
+
+
+def test_pattern_that_matches_nothing_lists_real_layer_names():
+    from loralab.adapters.targets import select_targets
+    model = torch.nn.Module()
+    model.attn1 = torch.nn.Module()
+    model.attn1.to_q = torch.nn.Linear(4, 4)
+    model.ff = torch.nn.Module()
+    model.ff.net = torch.nn.Linear(4, 4)
+    assert [t.name for t in select_targets(model, "attention")] == ["attn1.to_q"]
+    assert [t.name for t in select_targets(model, "attention+feed-forward", exclude="attn")] == ["ff.net"]
+    with pytest.raises(ValueError, match=r"include='nothing_here'.*attn1\.to_q"):
+        select_targets(model, include="nothing_here")
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        select_targets(model, include="(")

@@ -1,0 +1,104 @@
+"""Saved files against ComfyUI's own LoRA loader, in-process: weights at strength 1 and 0.5,
+round trips, and continuing from files of other trainers."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import comfy.model_management
+import comfy.sd
+import comfy.utils
+
+from loralab.adapters.files import load_adapter_file, save_adapter_file
+from loralab.adapters.keys import to_key_style
+from loralab.adapters.registry import ALGORITHMS
+from loralab.sampler.lora_training import (ExistingAdapter, LoraTrainingRequest, load_existing, release_patcher,
+                                           train_lora)
+from loralab.sampler.train_sampler import TrainConfig
+
+LINEAR_IN_STRENGTH = {"lora", "loha", "lokr", "glora"}
+
+
+def _train(model, latents, positive, algorithm="lora", steps=1, existing=None, **kw):
+    request = LoraTrainingRequest(config=TrainConfig(steps=steps, learning_rate=0.01, seed=3), algorithm=algorithm,
+                                  rank=4, alpha=4.0, training_dtype="fp32", gradient_checkpointing=False,
+                                  existing=existing, **kw)
+    return train_lora(model, latents[:2], positive[:2], request)
+
+
+def _patched_weights(model, sd, strength, names):
+    patched, _ = comfy.sd.load_lora_for_models(model, None, sd, strength, 0)
+    comfy.model_management.load_models_gpu([patched], force_full_load=True)
+    dm = patched.model.diffusion_model
+    weights = {n: dm.get_submodule(n).weight.detach().clone() for n in names}
+    release_patcher(patched)
+    return weights
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_builtin_loader_weights_match_ours_at_full_and_half_strength(sd15, motif_training_inputs, tmp_path, algorithm):
+    model, _, _ = sd15
+    latents, positive = motif_training_inputs
+    result = _train(model, latents, positive, algorithm)
+    path = tmp_path / "a.safetensors"
+    save_adapter_file(path, to_key_style(dict(result.lora), "kohya", result.lora.kohya_names), result.lora.metadata)
+    sd = comfy.utils.load_torch_file(str(path))
+    names = result.network.names[:6] + result.network.names[-3:]
+    dm = model.model.diffusion_model
+    base = {n: dm.get_submodule(n).weight.detach().clone() for n in names}
+    adapters = dict(result.network.items())
+    full = _patched_weights(model, sd, 1.0, names)
+    half = _patched_weights(model, sd, 0.5, names)
+    for n in names:
+        with torch.no_grad():
+            torch.testing.assert_close(full[n], adapters[n].merged_weight(base[n], 1.0), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(half[n], adapters[n].merged_weight(base[n], 0.5), rtol=1e-5, atol=1e-6)
+        assert not torch.equal(full[n], base[n])
+        if algorithm in LINEAR_IN_STRENGTH:
+            torch.testing.assert_close(half[n] - base[n], 0.5 * (full[n] - base[n]), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("style", ["kohya", "comfyui"])
+def test_save_load_save_round_trip_is_identical(sd15, motif_training_inputs, tmp_path, style):
+    model, _, _ = sd15
+    latents, positive = motif_training_inputs
+    first = _train(model, latents, positive, "lokr", steps=1)
+    a = tmp_path / "a.safetensors"
+    save_adapter_file(a, to_key_style(dict(first.lora), style, first.lora.kohya_names), first.lora.metadata)
+    tensors, metadata = load_adapter_file(a)
+    loaded = load_existing(model.model, ExistingAdapter(tensors, metadata), dtype=torch.float32, device="cpu")
+    b = tmp_path / "b.safetensors"
+    save_adapter_file(b, to_key_style(loaded.to_state_dict(), style, first.lora.kohya_names), metadata)
+    t1, m1 = load_adapter_file(a)
+    t2, m2 = load_adapter_file(b)
+    assert m1 == m2 and t1.keys() == t2.keys()
+    for k in t1:
+        assert torch.equal(t1[k], t2[k]), k
+    again = _train(model, latents, positive, "lokr", existing=ExistingAdapter(tensors, metadata))
+    assert again.total_steps == 2  # steps come from the file's metadata
+
+
+def test_continue_from_other_trainers_files(sd15, motif_training_inputs):
+    """A kohya-style file from another trainer (no LoRA Lab metadata) and a file in the layout of
+    ComfyUI's native trainer (diffusion_model.* keys plus .diff/.diff_b) both continue."""
+    model, _, _ = sd15
+    latents, positive = motif_training_inputs
+    ours = _train(model, latents, positive, "lora", train_norm_bias=True)
+    native_like = dict(ours.lora)  # comfy keys with .diff/.diff_b, no metadata, like the native trainer
+    assert any(k.endswith(".diff_b") for k in native_like) and any(k.endswith(".diff") for k in native_like)
+    cont = _train(model, latents, positive, "loha", existing=ExistingAdapter(native_like, {}))
+    assert cont.network.algorithm == "lora" and len(cont.network.offsets) == len(ours.network.offsets)
+    assert cont.total_steps == 1  # no metadata: nothing known about earlier steps
+    plain = _train(model, latents, positive, "lora")
+    kohya = to_key_style(dict(plain.lora), "kohya", plain.lora.kohya_names)
+    cont = _train(model, latents, positive, existing=ExistingAdapter(kohya, {"ss_steps": "250"}))
+    assert cont.total_steps == 251 and len(cont.network) == len(plain.network)
+
+
+def test_file_for_another_architecture_lists_unmatched_keys(sd15, motif_training_inputs):
+    model, _, _ = sd15
+    latents, positive = motif_training_inputs
+    foreign = {"lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(9, 4),
+               "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(4, 3)}
+    with pytest.raises(ValueError, match="lora_unet_double_blocks_0_img_attn_qkv"):
+        _train(model, latents, positive, existing=ExistingAdapter(foreign, {}, name="flux_lora.safetensors"))

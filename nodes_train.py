@@ -28,6 +28,12 @@ NO_LORA = "[None]"
 log = logging.getLogger("loralab")
 
 
+# The names ComfyUI's native trainer shows, so workflows and habits carry over.
+ALGORITHM_CHOICES = {"LoRA": "lora", "DoRA": "dora", "LoHa": "loha", "LoKr": "lokr", "OFT": "oft", "BOFT": "boft",
+                     "GLoRA": "glora"}
+assert set(ALGORITHM_CHOICES.values()) == set(ALGORITHMS)
+
+
 def _first(value):
     """Scalar widget values arrive as one-element lists on is_input_list nodes."""
     return value[0] if isinstance(value, list) else value
@@ -69,7 +75,8 @@ class TrainLora(io.ComfyNode):
                                tooltip="Compute dtype. auto picks bf16 only where the device runs it fast (fp32 on CPUs without bf16 instructions)."),
                 io.Combo.Input("lora_dtype", options=["auto", "fp32", "bf16", "fp16"], default="auto",
                                tooltip="Adapter weight dtype. auto keeps fp32 master weights."),
-                io.Combo.Input("algorithm", options=list(ALGORITHMS), default="lora"),
+                io.Combo.Input("algorithm", options=list(ALGORITHM_CHOICES), default="LoRA",
+                               tooltip="LoRA, DoRA (LoRA with weight decomposition), LoHa, LoKr, OFT, BOFT or GLoRA."),
                 io.Boolean.Input("gradient_checkpointing", default=True, tooltip="Recompute activations in the backward pass to save memory."),
                 io.Combo.Input("existing_lora", options=folder_paths.get_filename_list("loras") + [NO_LORA], default=NO_LORA,
                                tooltip="Continue training this LoRA (from models/loras), or [None] to start fresh."),
@@ -119,10 +126,11 @@ class TrainLora(io.ComfyNode):
             seed=_first(seed))
         chosen = {"factor": lokr_factor, "full_matrix": lokr_full_matrix, "decompose_both": lokr_decompose_both,
                   "constraint": oft_constraint, "boft_m": boft_m}
-        accepted = ALGORITHM_OPTIONS.get(_first(algorithm), {})
+        algorithm = ALGORITHM_CHOICES[_first(algorithm)]
+        accepted = ALGORITHM_OPTIONS.get(algorithm, {})
         options = {k: _first(v) for k, v in chosen.items() if k in accepted and v is not None}
         request = LoraTrainingRequest(
-            config=config, algorithm=_first(algorithm), rank=_first(rank), algorithm_options=options,
+            config=config, algorithm=algorithm, rank=_first(rank), algorithm_options=options,
             alpha=1.0 if alpha is None else _first(alpha),
             training_dtype=_first(training_dtype), lora_dtype=_first(lora_dtype),
             gradient_checkpointing=_first(gradient_checkpointing),

@@ -52,11 +52,16 @@ class AdapterNetwork(torch.nn.Module):
             raise ValueError(f"algorithm '{algorithm}' is not available; choose one of {', '.join(ALGORITHMS)}")
         generator = torch.Generator().manual_seed(seed)
         adapter_cls = ALGORITHMS[algorithm]
-        adapters = {
-            t.name: adapter_cls.create(LayerSpec.of(t.module), rank, alpha, dtype=dtype, device=device,
-                                       generator=generator, **options)
-            for t in targets
-        }
+        adapters = {}
+        for t in targets:
+            adapter = adapter_cls.create(LayerSpec.of(t.module), rank, alpha, dtype=dtype, device=device,
+                                         generator=generator, **options)
+            if getattr(adapter, "is_dora", False):
+                # DoRA's magnitude starts at the base weight's norms; set it now, not lazily in the first
+                # forward, so a checkpointed recompute sees the same tensors as the original forward.
+                with torch.no_grad():
+                    adapter.init_magnitude(t.module.weight.detach().to(device=device))
+            adapters[t.name] = adapter
         offsets = OffsetSet.create(offsets_of, dtype=dtype, device=device) if offsets_of is not None else None
         return cls(adapters, offsets)
 

@@ -52,7 +52,7 @@ def training_prompt(folder: str, steps: int = 1, resize_method: str = "Crop", pr
         "4": node("CLIPTextEncode", clip=["1", 1], text=["2", 1]),
         "5": node("LoraLab_TrainLora", model=["1", 0], latents=["3", 0], positive=["4", 0], batch_size=1,
                   grad_accumulation_steps=1, steps=steps, learning_rate=0.001, rank=4, optimizer="AdamW",
-                  loss_function="MSE", seed=0, training_dtype="fp32", lora_dtype="auto", algorithm="lora",
+                  loss_function="MSE", seed=0, training_dtype="fp32", lora_dtype="auto", algorithm="LoRA",
                   gradient_checkpointing=False, existing_lora="[None]"),
         "6": node("LoraLab_SaveLoRA", lora=["5", 1], prefix=prefix, steps=["5", 3]),
     }

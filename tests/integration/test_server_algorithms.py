@@ -11,7 +11,7 @@ from devkit.comfy_host import execution_error
 
 from server_graphs import load_prediction, CKPT, node, prediction_nodes, text_nodes, training_prompt
 
-ALGORITHMS = ["lora", "dora", "loha", "lokr", "oft", "boft", "glora"]
+ALGORITHMS = ["LoRA", "DoRA", "LoHa", "LoKr", "OFT", "BOFT", "GLoRA"]
 STYLES = ["kohya", "comfyui"]
 SIZE = 64
 

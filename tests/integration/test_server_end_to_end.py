@@ -45,7 +45,7 @@ def test_object_info_lists_every_node_with_its_inputs(object_info):
         assert object_info[node_id]["category"] == "LoRA Lab"
     train = object_info["LoraLab_TrainLora"]
     assert train["output"] == ["MODEL", "LORA_MODEL", "LOSS_MAP", "INT"]
-    assert set(train["input"]["required"]["algorithm"][1]["options"]) == {"lora", "dora", "loha", "lokr", "oft", "boft", "glora"}
+    assert set(train["input"]["required"]["algorithm"][1]["options"]) == {"LoRA", "DoRA", "LoHa", "LoKr", "OFT", "BOFT", "GLoRA"}
     assert object_info["LoraLab_LoadLoraModel"]["input"]["required"]["strength_model"][1]["min"] == -100.0
 
 

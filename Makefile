@@ -1,7 +1,7 @@
 # LoRA Lab developer commands. Everything installs itself through scripts/setup_host.sh.
 PY := $(or $(LORALAB_HOME),$(HOME)/.cache/lora-lab)/venv/bin/python
 
-.PHONY: setup demo test unit bench
+.PHONY: setup demo test unit bench-algorithms
 setup:
 	bash scripts/setup_host.sh
 
@@ -13,3 +13,6 @@ test: setup
 
 unit: setup
 	$(PY) -m pytest tests/unit -q
+
+bench-algorithms: setup
+	$(PY) bench/algorithms.py

@@ -92,6 +92,8 @@ class TrainLora(io.ComfyNode):
                                  tooltip="Also train offsets of norm weights and biases (.diff/.diff_b), as ComfyUI's native trainer always does."),
                 io.Boolean.Input("bypass_mode", default=True, optional=True,
                                  tooltip="Run adapters as forward hooks (faster, less memory) instead of rebuilding weights every step."),
+                io.Boolean.Input("offloading", default=False, optional=True,
+                                 tooltip="Keep base weights in RAM and stream them to the GPU layer by layer (needs bypass_mode)."),
                 io.String.Input("captions", optional=True, force_input=True,
                                 tooltip="The captions, to record tag frequencies in the file's metadata."),
                 io.Int.Input("lokr_factor", default=-1, min=-1, max=64, optional=True,
@@ -104,6 +106,9 @@ class TrainLora(io.ComfyNode):
                                tooltip="OFT/BOFT: limit on how far the rotation may move (COFT); 0 = none. For OFT/BOFT, rank is the block size."),
                 io.Int.Input("boft_m", default=0, min=0, max=16, optional=True,
                              tooltip="BOFT: number of butterfly factors; 0 picks the most the layer allows."),
+                # New inputs go last: saved workflows map widget values by position.
+                io.Int.Input("checkpoint_depth", default=1, min=1, max=5, optional=True,
+                             tooltip="How fine the checkpointed pieces are: 1 = whole blocks (least memory), higher = smaller pieces (less recompute per piece)."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the trained LoRA applied."),
@@ -118,7 +123,7 @@ class TrainLora(io.ComfyNode):
                 optimizer, loss_function, seed, training_dtype, lora_dtype, algorithm, gradient_checkpointing,
                 existing_lora, alpha=None, target_layers=None, include_pattern=None, exclude_pattern=None,
                 train_norm_bias=None, bypass_mode=None, captions=None, lokr_factor=None, lokr_full_matrix=None,
-                lokr_decompose_both=None, oft_constraint=None, boft_m=None):
+                lokr_decompose_both=None, oft_constraint=None, boft_m=None, checkpoint_depth=None, offloading=None):
         existing = _load_existing(_first(existing_lora))
         config = TrainConfig(
             steps=_first(steps), batch_size=_first(batch_size), grad_accumulation_steps=_first(grad_accumulation_steps),
@@ -134,6 +139,8 @@ class TrainLora(io.ComfyNode):
             alpha=1.0 if alpha is None else _first(alpha),
             training_dtype=_first(training_dtype), lora_dtype=_first(lora_dtype),
             gradient_checkpointing=_first(gradient_checkpointing),
+            checkpoint_depth=1 if checkpoint_depth is None else _first(checkpoint_depth),
+            offloading=bool(_first(offloading)),
             target_layers=DEFAULT_PRESET if target_layers is None else _first(target_layers),
             include_pattern=_first(include_pattern) or "", exclude_pattern=_first(exclude_pattern) or "",
             train_norm_bias=bool(_first(train_norm_bias)), bypass_mode=True if bypass_mode is None else _first(bypass_mode),

@@ -19,7 +19,10 @@ async def _run(server, prompt: dict, on_event: Callable[[dict, "aiohttp.ClientSe
         async with session.ws_connect(f"{server.url}/ws?clientId={client_id}") as ws:
             async with session.post(f"{server.url}/prompt", json={"prompt": prompt, "client_id": client_id}) as r:
                 r.raise_for_status()
-                prompt_id = (await r.json())["prompt_id"]
+                reply = await r.json()
+                if reply.get("node_errors"):
+                    raise RuntimeError(f"prompt failed validation: {json.dumps(reply['node_errors'])[:2000]}")
+                prompt_id = reply["prompt_id"]
             async def receive():
                 async for msg in ws:
                     if msg.type != aiohttp.WSMsgType.TEXT:

@@ -130,7 +130,12 @@ class ComfyServer:
             raise PromptRejected(e.code, json.loads(e.read() or b"{}")) from None
 
     def queue_prompt(self, prompt: dict) -> str:
-        return self.post_json("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})["prompt_id"]
+        """Queues a prompt; raises PromptRejected if any node failed validation (ComfyUI would
+        otherwise quietly run only the outputs that validated)."""
+        reply = self.post_json("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
+        if reply.get("node_errors"):
+            raise PromptRejected(200, reply)
+        return reply["prompt_id"]
 
     def wait_for(self, prompt_id: str, timeout: float = 1800.0) -> dict:
         """Polls /history until the prompt finished (success, error or interrupt)."""

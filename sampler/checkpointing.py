@@ -16,14 +16,25 @@ CHECKPOINT_KEY = "loralab_checkpointing"
 CONTAINERS = (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)
 
 
-def checkpoint_units(root: torch.nn.Module, skip: set[str] = frozenset(), prefix: str = "") -> list[str]:
-    """Names of the highest non-container modules with parameters below ``root``."""
+def checkpoint_units(root: torch.nn.Module, skip: set[str] = frozenset(), prefix: str = "", depth: int = 1) -> list[str]:
+    """Names of the modules to checkpoint below ``root``.
+
+    Depth 1: the highest non-container modules with parameters (ResBlock, SpatialTransformer ...).
+    Each further depth replaces every unit by its own units one level down (depth 2: a ResBlock's
+    in/out layers, a transformer's blocks; depth 3: attention and feed-forward ...), so deeper means
+    finer pieces: less recomputed per piece, more boundary activations kept.
+    """
     units = []
     for name, child in root.named_children():
         full = f"{prefix}{name}"
         if isinstance(child, CONTAINERS) or full in skip:
-            units += checkpoint_units(child, skip, f"{full}.")
-        elif any(True for _ in child.parameters()):
+            units += checkpoint_units(child, skip, f"{full}.", depth)
+        elif not any(True for _ in child.parameters()):
+            continue
+        elif depth > 1:
+            inner = checkpoint_units(child, skip, f"{full}.", depth - 1)
+            units += inner if inner else [full]
+        else:
             units.append(full)
     return units
 
@@ -36,12 +47,14 @@ def _checkpointed(forward):
     return run
 
 
-def attach_checkpointing(model_patcher, skip: set[str] = frozenset()) -> int:
+def attach_checkpointing(model_patcher, skip: set[str] = frozenset(), depth: int = 1) -> int:
     """Checkpoints every unit of the diffusion model while the patcher is loaded; returns the count.
 
     ``skip`` names modules (adapter targets) that must keep their own forward.
     """
-    names = checkpoint_units(model_patcher.model.diffusion_model, set(skip))
+    if not 1 <= depth <= 5:
+        raise ValueError(f"checkpoint_depth must be 1 to 5, got {depth}")
+    names = checkpoint_units(model_patcher.model.diffusion_model, set(skip), depth=depth)
 
     def inject(mp):
         dm = mp.model.diffusion_model

@@ -48,7 +48,9 @@ class LoraTrainingRequest:
     training_dtype: str = "auto"
     lora_dtype: str = "auto"
     gradient_checkpointing: bool = True
+    checkpoint_depth: int = 1
     bypass_mode: bool = True
+    offloading: bool = False
     target_layers: str = DEFAULT_PRESET
     include_pattern: str = ""
     exclude_pattern: str = ""
@@ -95,6 +97,30 @@ def replace_inference_tensors(module: torch.nn.Module) -> int:
                     sub._buffers[name] = buf.clone()
                     count += 1
     return count
+
+
+def load_for_training(model_patcher, offload: bool) -> None:
+    """Loads the patcher on its device: fully, or with offloading, where ComfyUI's own low-VRAM
+    loader keeps the base weights in RAM and casts each layer's weights to the device as the
+    forward reaches it (block by block)."""
+    mm = comfy.model_management
+    if not offload:
+        mm.load_models_gpu([model_patcher], force_full_load=True)
+        return
+    for i in reversed(range(len(mm.current_loaded_models))):
+        if model_patcher.is_clone(mm.current_loaded_models[i].model):
+            mm.current_loaded_models.pop(i).model_unload()
+    loaded = mm.LoadedModel(model_patcher)
+    loaded.model_load(lowvram_model_memory=1)  # a 1-byte budget: every weight streams
+    mm.current_loaded_models.insert(0, loaded)
+
+
+def freeze(model: torch.nn.Module) -> None:
+    """Base weights never need gradients: ComfyUI loads them with requires_grad=True, and autograd
+    would otherwise build a full-size weight gradient for every layer on every step."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+        param.grad = None
 
 
 def attach(model_patcher, network: AdapterNetwork, bypass: bool, strength: float = 1.0) -> None:
@@ -150,9 +176,13 @@ def train_lora(model_patcher, latents, positive, request: LoraTrainingRequest,
                  network.trainable_parameter_count())
         attach(train_mp, network, request.bypass_mode)
         if request.gradient_checkpointing:
-            attach_checkpointing(train_mp, skip=set(network.names))
-        comfy.model_management.load_models_gpu([train_mp], force_full_load=True)
+            units = attach_checkpointing(train_mp, skip=set(network.names), depth=request.checkpoint_depth)
+            log.info("LoRA Lab: gradient checkpointing at depth %d (%d pieces)", request.checkpoint_depth, units)
+        if request.offloading and not request.bypass_mode:
+            raise ValueError("offloading needs bypass_mode: weight wrappers would rebuild every streamed weight")
+        load_for_training(train_mp, request.offloading)
         replace_inference_tensors(train_mp.model.diffusion_model)
+        freeze(train_mp.model)
         try:
             data = TrainingSet(train_mp.model, latents, positive, device)
             sampler = TrainSampler(train_mp, network.named_trainables(), data, request.config, on_step)

@@ -41,7 +41,9 @@ def object_info(server):
 def sd15(tiny_ckpt):
     """(model patcher, clip, vae) of the tiny checkpoint, loaded in this process by ComfyUI."""
     import comfy.sd
+    from loralab.sampler.lora_training import freeze
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_ckpt), output_vae=True, output_clip=True)
+    freeze(model.model)  # as training does; tests that run backward themselves need it too
     return model, clip, vae
 
 

@@ -2,6 +2,7 @@
 tiny SD1.5 model loaded by ComfyUI in-process."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 import comfy.model_management
@@ -84,3 +85,19 @@ def test_bypass_and_weight_wrappers_give_same_outputs_and_gradients(sd15, motif_
     assert any(g.abs().sum() > 0 for g in grads_a.values())
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-3, atol=1e-6)
+
+
+def test_offloading_computes_the_same_training(sd15, motif_training_inputs, caplog):
+    """With offloading, ComfyUI's low-VRAM loader streams every base weight; the result is the same."""
+    model, _, _ = sd15
+    latents, positive = motif_training_inputs
+    plain = train_lora(model, latents[:2], positive[:2], _request(2))
+    with caplog.at_level("INFO"):
+        offloaded = train_lora(model, latents[:2], positive[:2], _request(2, offloading=True))
+    assert "loaded partially" in caplog.text  # the streaming path really ran
+    a, b = _weights(plain.network), _weights(offloaded.network)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7)
+    assert plain.losses == pytest.approx(offloaded.losses, rel=1e-5)
+    with pytest.raises(ValueError, match="offloading needs bypass_mode"):
+        train_lora(model, latents[:1], positive[:1], _request(1, offloading=True, bypass_mode=False))

@@ -44,7 +44,10 @@ def test_training_lowers_heldout_loss(sd15, motif_training_inputs):
     before = heldout_loss(model, data, pairs)
     request = LoraTrainingRequest(
         config=TrainConfig(steps=32, learning_rate=2e-3, seed=0), rank=8, alpha=8.0, training_dtype="fp32")
+    model.model.requires_grad_(True)  # as ComfyUI loads checkpoints
     result = train_lora(model, latents, positive, request)
+    assert not any(p.requires_grad or p.grad is not None for p in model.model.parameters()), \
+        "base weights must get no gradient (that is the full-size work bypass mode avoids)"
     after = heldout_loss(result.model, data, pairs)
     assert len(result.losses) == 32
     assert after < 0.9 * before, (before, after)

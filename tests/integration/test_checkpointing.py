@@ -1,0 +1,67 @@
+"""Gradient checkpointing at every depth computes the same adapter gradients as none at all."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import comfy.model_management
+
+from loralab.adapters.network import AdapterNetwork
+from loralab.adapters.targets import select_targets
+from loralab.sampler.checkpointing import attach_checkpointing, checkpoint_units
+from loralab.sampler.lora_training import attach, release_patcher
+from loralab.sampler.objective import loss_function, model_loss, sample_sigmas
+from loralab.sampler.training_set import TrainingSet
+
+
+@pytest.fixture(scope="module")
+def setup(sd15, motif_training_inputs):
+    model, _, _ = sd15
+    latents, positive = motif_training_inputs
+    network = AdapterNetwork.create(select_targets(model.model.diffusion_model), "lora", 4, 4.0, seed=2)
+    with torch.no_grad():
+        for layer in network.layers:
+            layer.lora_up.normal_(0, 0.02)
+    data = TrainingSet(model.model, latents[:2], positive[:2], model.load_device)
+    x0, conds = data.buckets[0].select(torch.tensor([0, 1]))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    sigma = sample_sigmas(model.model.model_sampling, torch.tensor([0.2, 0.7]))
+    return model, network, (x0, conds, noise, sigma)
+
+
+def _grads(model, network, batch, depth):
+    patcher = model.clone()
+    attach(patcher, network, bypass=True)
+    count = attach_checkpointing(patcher, skip=set(network.names), depth=depth) if depth else 0
+    comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+    network.zero_grad(set_to_none=True)
+    network.requires_grad_(True)
+    with torch.inference_mode(False), torch.enable_grad():
+        model_loss(patcher, *batch, loss_function("MSE")).backward()
+    release_patcher(patcher)
+    return count, {n: p.grad.clone() for n, p in network.named_trainables()}
+
+
+def test_every_depth_matches_no_checkpointing(setup):
+    model, network, batch = setup
+    _, reference = _grads(model, network, batch, 0)
+    assert any(g.abs().sum() > 0 for g in reference.values())
+    counts = []
+    for depth in range(1, 6):
+        count, grads = _grads(model, network, batch, depth)
+        counts.append(count)
+        for name in reference:
+            torch.testing.assert_close(grads[name], reference[name], rtol=1e-5, atol=1e-7)
+    assert counts[0] > 0 and counts == sorted(counts) and counts[1] > counts[0]  # deeper = finer pieces
+
+
+def test_depth_out_of_range_is_refused(setup):
+    model, network, _ = setup
+    with pytest.raises(ValueError, match="checkpoint_depth must be 1 to 5"):
+        attach_checkpointing(model.clone(), depth=6)
+
+
+def test_units_never_include_adapter_targets(setup):
+    model, network, _ = setup
+    for depth in range(1, 6):
+        assert not set(checkpoint_units(model.model.diffusion_model, set(network.names), depth=depth)) & set(network.names)

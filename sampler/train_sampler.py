@@ -67,11 +67,16 @@ class TrainSampler:
                          else contextlib.nullcontext())
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.compute_dtype == torch.float16)
 
-    def _micro_batch_loss(self) -> torch.Tensor:
+    def draw(self):
+        """The next micro-batch: (x0, conds, noise, sigma), all from the seeded generator."""
         sampling = self.patcher.model.model_sampling
         x0, conds = self.data.draw(self.config.batch_size, self.generator)
         noise = torch.randn(x0.shape, generator=self.generator, dtype=torch.float32).to(x0.device, x0.dtype)
         sigma = sample_sigmas(sampling, torch.rand(x0.shape[0], generator=self.generator)).to(x0.device)
+        return x0, conds, noise, sigma
+
+    def _micro_batch_loss(self) -> torch.Tensor:
+        x0, conds, noise, sigma = self.draw()
         return model_loss(self.patcher, x0, conds, noise, sigma, self.loss_fn, autocast=self.autocast)
 
     def step(self) -> float:

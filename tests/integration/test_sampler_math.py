@@ -1,0 +1,72 @@
+"""TrainSampler arithmetic on the real model: gradient accumulation and 16-bit compute."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from loralab.adapters.network import AdapterNetwork
+from loralab.adapters.targets import select_targets
+from loralab.sampler.lora_training import LoraTrainingRequest, attach, load_for_training, release_patcher, train_lora
+from loralab.sampler.train_sampler import TrainConfig, TrainSampler
+from loralab.sampler.training_set import TrainingSet
+
+
+class ScriptedSampler(TrainSampler):
+    """Draws the given micro-batches in order instead of random ones."""
+
+    def __init__(self, *args, batches, **kw):
+        super().__init__(*args, **kw)
+        self.batches = list(batches)
+
+    def draw(self):
+        return self.batches.pop(0)
+
+
+def test_accumulating_k_single_images_equals_one_batch_of_k(sd15, motif_training_inputs):
+    model, _, _ = sd15
+    latents, positive = motif_training_inputs
+    k = 3
+    data = TrainingSet(model.model, latents[:k], positive[:k], model.load_device)
+    x0, conds = data.buckets[0].select(torch.arange(k))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(4))
+    sigma = torch.tensor([0.5, 2.0, 8.0])
+    singles = [(x0[i:i + 1], {n: c[i:i + 1] for n, c in conds.items()}, noise[i:i + 1], sigma[i:i + 1]) for i in range(k)]
+    results = []
+    for batch_size, accumulate, batches in ((k, 1, [(x0, conds, noise, sigma)]), (1, k, singles)):
+        network = AdapterNetwork.create(select_targets(model.model.diffusion_model), "lora", 4, 4.0, seed=5)
+        with torch.no_grad():
+            for layer in network.layers:
+                layer.lora_up.normal_(0, 0.02, generator=torch.Generator().manual_seed(6))
+        network.requires_grad_(True)
+        initial = {n: p.detach().clone() for n, p in network.named_trainables()}
+        patcher = model.clone()
+        attach(patcher, network, bypass=True)
+        load_for_training(patcher, offload=False)
+        config = TrainConfig(steps=1, batch_size=batch_size, grad_accumulation_steps=accumulate, learning_rate=1.0,
+                             optimizer="SGD")
+        sampler = ScriptedSampler(patcher, network.named_trainables(), data, config, batches=batches)
+        with torch.inference_mode(False), torch.enable_grad():
+            loss = sampler.step()
+        release_patcher(patcher)
+        results.append((loss, {n: p.detach().clone() for n, p in network.named_trainables()}))
+    (loss_batch, w_batch), (loss_acc, w_acc) = results
+    assert loss_batch == pytest.approx(loss_acc, rel=1e-5)
+    assert any(not torch.equal(w_batch[n], initial[n]) for n in w_batch)  # the step really moved weights
+    for name in w_batch:  # SGD with lr 1: equal weights after the step means equal gradients
+        torch.testing.assert_close(w_batch[name], w_acc[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_16bit_compute_keeps_fp32_master_weights(sd15, motif_training_inputs, dtype):
+    model, _, _ = sd15
+    latents, positive = motif_training_inputs
+    request = LoraTrainingRequest(config=TrainConfig(steps=2, learning_rate=1e-3), rank=4, alpha=4.0,
+                                  training_dtype=dtype, lora_dtype="auto", gradient_checkpointing=False)
+    result = train_lora(model, latents[:2], positive[:2], request)
+    assert all(math.isfinite(loss) for loss in result.losses)
+    params = dict(result.network.named_trainables())
+    assert all(p.dtype == torch.float32 for p in params.values())
+    assert any(p.abs().sum() > 0 for n, p in params.items() if n.endswith("lora_up"))  # it trained
+    assert result.lora.metadata["ss_mixed_precision"] == dtype

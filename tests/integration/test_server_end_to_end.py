@@ -116,3 +116,14 @@ def test_builtin_lora_loader_reproduces_trained_model(server, template_run, comf
     applied = load_prediction(out / "applied_00001_.latent")  # our Apply LoRA node on the LORA_MODEL output
     assert (applied - trained).abs().max() < 1e-4
     assert (base_again - base).abs().max() == 0  # the trained adapter never leaked into the base model
+
+
+def test_every_node_has_help_served_that_covers_its_inputs(server, object_info):
+    import urllib.request
+    for node_id, info in object_info.items():
+        if not node_id.startswith("LoraLab_"):
+            continue
+        with urllib.request.urlopen(f"{server.url}/extensions/lora-lab/docs/{node_id}.md", timeout=10) as r:
+            text = r.read().decode()
+        missing = [name for name in info["input"].get("required", {}) if f"**{name}**" not in text]
+        assert not missing, f"{node_id} help does not mention {missing}"

@@ -57,6 +57,14 @@ class LayerSpec:
         raise TypeError(f"adapters support Linear and Conv layers, not {type(module).__name__}")
 
 
+def check_rank_and_groups(spec: LayerSpec, rank: int, algorithm: str) -> None:
+    """The checks every low-rank algorithm makes on its layer; messages name the input."""
+    if rank < 1:
+        raise ValueError(f"rank must be at least 1, got {rank}")
+    if spec.groups != 1:
+        raise ValueError(f"{algorithm} on grouped convolutions is not supported")
+
+
 def conv_fn(dims: int):
     """torch.nn.functional's convolution for 1, 2 or 3 spatial dims."""
     return (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)[dims - 1]

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from .base import Adapter, LayerSpec, conv_fn
+from .base import Adapter, LayerSpec, check_rank_and_groups, conv_fn
 from .lora import kaiming_uniform, low_rank_apply
 
 NAMES = ("a1", "a2", "b1", "b2")
@@ -28,10 +28,7 @@ class GLoRAAdapter(Adapter):
     def __init__(self, spec: LayerSpec, rank: int, alpha: float, *, dtype=torch.float32, device=None,
                  generator: torch.Generator | None = None):
         super().__init__(spec)
-        if rank < 1:
-            raise ValueError(f"rank must be at least 1, got {rank}")
-        if spec.groups != 1:
-            raise ValueError("GLoRA on grouped convolutions is not supported")
+        check_rank_and_groups(spec, rank, "GLoRA")
         taps = math.prod(spec.kernel_size)
         if rank == spec.out_features == spec.in_features:
             raise ValueError(f"GLoRA rank {rank} equals both dims of this layer; ComfyUI would read the "

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from .base import Adapter, LayerSpec, apply_base_op
+from .base import Adapter, LayerSpec, apply_base_op, check_rank_and_groups
 from .lora import low_rank_apply
 
 NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
@@ -26,10 +26,7 @@ class LoHaAdapter(Adapter):
     def __init__(self, spec: LayerSpec, rank: int, alpha: float, *, dtype=torch.float32, device=None,
                  generator: torch.Generator | None = None):
         super().__init__(spec)
-        if rank < 1:
-            raise ValueError(f"rank must be at least 1, got {rank}")
-        if spec.groups != 1:
-            raise ValueError("LoHa on grouped convolutions is not supported")
+        check_rank_and_groups(spec, rank, "LoHa")
         out, cols = spec.out_features, spec.in_features * math.prod(spec.kernel_size)
         inits = {
             "hada_w1_a": torch.randn((out, rank), generator=generator) * 0.1,

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from .base import Adapter, LayerSpec, apply_base_op
+from .base import Adapter, LayerSpec, apply_base_op, check_rank_and_groups
 from .lora import kaiming_uniform, low_rank_apply
 
 
@@ -45,10 +45,7 @@ class LoKrAdapter(Adapter):
                  generator: torch.Generator | None = None, factor: int = -1, decompose_both: bool = False,
                  full_matrix: bool = False, shapes: tuple | None = None):
         super().__init__(spec)
-        if rank < 1:
-            raise ValueError(f"rank must be at least 1, got {rank}")
-        if spec.groups != 1:
-            raise ValueError("LoKr on grouped convolutions is not supported")
+        check_rank_and_groups(spec, rank, "LoKr")
         if shapes is None:  # (out_l, out_k, in_m, in_n, w1 rank or None, w2 rank or None)
             out_l, out_k = factorization(spec.out_features, factor)
             in_m, in_n = factorization(spec.in_features, factor)

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from .base import Adapter, LayerSpec, apply_base_op, conv_fn
+from .base import Adapter, LayerSpec, apply_base_op, check_rank_and_groups, conv_fn
 
 EPS = torch.finfo(torch.float32).eps  # ComfyUI patches float32 weights, so its eps is this one
 
@@ -46,10 +46,7 @@ class LoRAAdapter(Adapter):
     def __init__(self, spec: LayerSpec, rank: int, alpha: float, *, dtype=torch.float32,
                  device=None, generator: torch.Generator | None = None, dora: bool = False):
         super().__init__(spec)
-        if rank < 1:
-            raise ValueError(f"rank must be at least 1, got {rank}")
-        if spec.groups != 1:
-            raise ValueError("LoRA on grouped convolutions is not supported")
+        check_rank_and_groups(spec, rank, "LoRA")
         in_dim = spec.in_features
         down = kaiming_uniform((rank, in_dim, *spec.kernel_size), in_dim * math.prod(spec.kernel_size), generator)
         self.lora_down = torch.nn.Parameter(down.to(device=device, dtype=dtype))

@@ -11,7 +11,6 @@ import torch
 from .base import Adapter, LayerSpec
 from .keys import COMFY_PREFIX, split_comfy_key
 from .offsets import OFFSET_SUFFIXES, OffsetSet
-from .lora import LoRAAdapter
 from .targets import Target
 
 from .registry import ALGORITHMS

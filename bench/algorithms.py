@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--size", type=int, default=256)
     args = parser.parse_args(argv)
-    pack = import_pack()
+    import_pack()
     from loralab.adapters.files import save_adapter_file
     from loralab.adapters.keys import to_key_style
     from loralab.dataset import load_image_set

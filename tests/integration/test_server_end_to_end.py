@@ -1,7 +1,6 @@
 """The pack inside a real ComfyUI server, driven over HTTP like the browser drives it."""
 from __future__ import annotations
 
-import re
 import shutil
 
 import pytest

@@ -19,6 +19,7 @@ from .report.loss_plot import render_loss_plot
 from .sampler.dtypes import DTYPE_CHOICES
 from .sampler.lora_training import ExistingAdapter, LoraTrainingRequest, train_lora
 from .sampler.objective import LOSS_FUNCTIONS
+from .sampler.run_outputs import CheckpointSettings, SampleSettings, TrainingEvents
 from .sampler.optimizers import OPTIMIZERS
 from .sampler.train_sampler import TrainConfig
 from .nodes_dataset import LoadImageSet, ImageSetFromImages
@@ -109,7 +110,28 @@ class TrainLora(io.ComfyNode):
                 # New inputs go last: saved workflows map widget values by position.
                 io.Int.Input("checkpoint_depth", default=1, min=1, max=5, optional=True,
                              tooltip="How fine the checkpointed pieces are: 1 = whole blocks (least memory), higher = smaller pieces (less recompute per piece)."),
+                # Appended last: saved workflows store widget values by position.
+                io.Int.Input("sample_every", default=0, min=0, max=100000, optional=True,
+                             tooltip="Make a preview image every N steps (0 = never). Needs sample_positive and sample_vae."),
+                io.Int.Input("sample_seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, optional=True,
+                             tooltip="Noise seed of the preview images; fixed, so previews of different steps compare."),
+                io.Int.Input("sample_width", default=512, min=64, max=4096, step=8, optional=True,
+                             tooltip="Preview width in pixels."),
+                io.Int.Input("sample_height", default=512, min=64, max=4096, step=8, optional=True,
+                             tooltip="Preview height in pixels."),
+                io.Int.Input("sample_steps", default=20, min=1, max=200, optional=True,
+                             tooltip="Sampler steps per preview image (euler)."),
+                io.Int.Input("save_every", default=0, min=0, max=100000, optional=True,
+                             tooltip="Save a resumable checkpoint every N steps (0 = only when interrupted)."),
+                io.Int.Input("keep_last", default=3, min=1, max=1000, optional=True,
+                             tooltip="How many periodic checkpoints to keep; older ones are deleted."),
+                io.String.Input("checkpoint_prefix", default="loras/loralab_checkpoint", optional=True,
+                                tooltip="Checkpoint file prefix, relative to the output directory."),
+                io.Conditioning.Input("sample_positive", optional=True,
+                                      tooltip="Prompt of the preview images (a CLIP Text Encode)."),
+                io.Vae.Input("sample_vae", optional=True, tooltip="VAE that decodes the preview images."),
             ],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the trained LoRA applied."),
                 io.LoraModel.Output(display_name="lora", tooltip="The trained LoRA weights."),
@@ -123,7 +145,9 @@ class TrainLora(io.ComfyNode):
                 optimizer, loss_function, seed, training_dtype, lora_dtype, algorithm, gradient_checkpointing,
                 existing_lora, alpha=None, target_layers=None, include_pattern=None, exclude_pattern=None,
                 train_norm_bias=None, bypass_mode=None, captions=None, lokr_factor=None, lokr_full_matrix=None,
-                lokr_decompose_both=None, oft_constraint=None, boft_m=None, checkpoint_depth=None, offloading=None):
+                lokr_decompose_both=None, oft_constraint=None, boft_m=None, checkpoint_depth=None, offloading=None,
+                sample_every=None, sample_seed=None, sample_width=None, sample_height=None, sample_steps=None,
+                save_every=None, keep_last=None, checkpoint_prefix=None, sample_positive=None, sample_vae=None):
         existing = _load_existing(_first(existing_lora))
         config = TrainConfig(
             steps=_first(steps), batch_size=_first(batch_size), grad_accumulation_steps=_first(grad_accumulation_steps),
@@ -144,14 +168,35 @@ class TrainLora(io.ComfyNode):
             target_layers=DEFAULT_PRESET if target_layers is None else _first(target_layers),
             include_pattern=_first(include_pattern) or "", exclude_pattern=_first(exclude_pattern) or "",
             train_norm_bias=bool(_first(train_norm_bias)), bypass_mode=True if bypass_mode is None else _first(bypass_mode),
-            existing=existing, captions=list(captions) if captions else None)
+            existing=existing, captions=list(captions) if captions else None,
+            samples=_sample_settings(sample_every, sample_positive, sample_vae, sample_seed, sample_width,
+                                     sample_height, sample_steps),
+            checkpoints=CheckpointSettings(
+                output_dir=folder_paths.get_output_directory(),
+                prefix=_first(checkpoint_prefix) or "loras/loralab_checkpoint",
+                every=_first(save_every) or 0, keep_last=_first(keep_last) or 3))
         progress = comfy.utils.ProgressBar(config.steps)
 
         def on_step(report):
             progress.update_absolute(report.step, report.total)
 
-        result = train_lora(_first(model), latents, positive, request, on_step=on_step)
+        events = TrainingEvents()
+        result = train_lora(_first(model), latents, positive, request, on_step=on_step, events=events)
         return io.NodeOutput(result.model, result.lora, {"loss": result.losses}, result.total_steps)
+
+
+def _sample_settings(every, positive, vae, seed, width, height, steps) -> SampleSettings | None:
+    """Preview settings from the sample_* inputs, or None when previews are off."""
+    every = _first(every) or 0
+    if every <= 0:
+        return None
+    positive, vae = _first(positive), _first(vae)
+    if positive is None or vae is None:
+        missing = " and ".join(n for n, v in (("sample_positive", positive), ("sample_vae", vae)) if v is None)
+        raise ValueError(f"sample_every is {every} but {missing} is not connected: connect a CLIP Text Encode "
+                         f"and a VAE, or set sample_every to 0")
+    return SampleSettings(every=every, positive=positive, vae=vae, seed=_first(seed) or 0,
+                          width=_first(width) or 512, height=_first(height) or 512, steps=_first(steps) or 20)
 
 
 class SaveLoRA(io.ComfyNode):

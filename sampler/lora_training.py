@@ -23,6 +23,7 @@ from ..adapters.network import AdapterNetwork
 from ..adapters.targets import DEFAULT_PRESET, select_targets
 from .checkpointing import attach_checkpointing
 from .dtypes import resolve_lora_dtype, resolve_training_dtype
+from .run_outputs import CheckpointSettings, SampleSettings, TrainingEvents
 from .train_sampler import StepReport, TrainConfig, TrainSampler
 from .training_set import TrainingSet
 
@@ -57,6 +58,8 @@ class LoraTrainingRequest:
     train_norm_bias: bool = False
     existing: ExistingAdapter | None = None
     captions: list[str] | None = None
+    samples: SampleSettings | None = None  # preview images during the run
+    checkpoints: CheckpointSettings | None = None  # periodic / on-interrupt resumable checkpoints
 
 
 @dataclass
@@ -152,9 +155,11 @@ def _new_network(model, request: LoraTrainingRequest, *, dtype, device) -> Adapt
 
 
 def train_lora(model_patcher, latents, positive, request: LoraTrainingRequest,
-               on_step: Callable[[StepReport], None] | None = None) -> LoraTrainingResult:
+               on_step: Callable[[StepReport], None] | None = None,
+               events: TrainingEvents | None = None) -> LoraTrainingResult:
     """Trains adapters on ``model_patcher`` (left unchanged) and returns the result."""
     started = time.time()
+    events = events or TrainingEvents()
     device = model_patcher.load_device
     dtype, reason = resolve_training_dtype(request.training_dtype, device)
     lora_dtype = resolve_lora_dtype(request.lora_dtype, dtype)
@@ -185,11 +190,24 @@ def train_lora(model_patcher, latents, positive, request: LoraTrainingRequest,
         freeze(train_mp.model)
         try:
             data = TrainingSet(train_mp.model, latents, positive, device)
-            sampler = TrainSampler(train_mp, network.named_trainables(), data, request.config, on_step)
+            def report_step(report: StepReport) -> None:
+                if on_step is not None:
+                    on_step(report)
+                events.step(report)
+
+            sampler = TrainSampler(train_mp, network.named_trainables(), data, request.config, report_step)
             if existing is not None and existing.train_state is not None:
                 _restore(sampler, existing)
+            events.started(request.config.steps, sampler.completed_steps)
             train_start = time.perf_counter()
-            losses = sampler.run()
+            try:
+                losses = sampler.run()
+            except comfy.model_management.InterruptProcessingException:
+                events.finished("interrupted")
+                raise
+            except Exception:
+                events.finished("error")
+                raise
             elapsed = time.perf_counter() - train_start
             log.info("LoRA Lab: %d steps in %.1fs (%.2f s/step), loss %.4f -> %.4f", len(losses), elapsed,
                      elapsed / max(1, len(losses)), losses[0], losses[-1])
@@ -213,6 +231,7 @@ def train_lora(model_patcher, latents, positive, request: LoraTrainingRequest,
     lora = LoraStateDict(network.to_state_dict(), metadata)
     lora.kohya_names = kohya_layer_names(model_patcher.model, network.names + [l for (l, _), _ in network.offsets.items()])
     lora.train_state = sampler.capture_state(_fingerprint(request, network))
+    events.finished("finished")
     return LoraTrainingResult(out_mp, lora, losses, total_steps, network)
 
 

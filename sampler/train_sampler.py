@@ -41,6 +41,8 @@ class StepReport:
     total: int
     loss: float
     seconds: float
+    lr: float = 0.0
+    completed: int = 0  # optimizer steps done in total, including those of a restored state
 
 
 class TrainSampler:
@@ -116,5 +118,7 @@ class TrainSampler:
                 self.completed_steps += 1
                 losses.append(loss)
                 if self.on_step:
-                    self.on_step(StepReport(i + 1, self.config.steps, loss, time.perf_counter() - start))
+                    self.on_step(StepReport(i + 1, self.config.steps, loss, time.perf_counter() - start,
+                                            lr=float(self.optimizer.param_groups[0]["lr"]),
+                                            completed=self.completed_steps))
         return losses

@@ -21,6 +21,7 @@ from ..adapters.keys import kohya_layer_names, to_comfy_keys
 from ..adapters.metadata import LoraStateDict, base_model_name, steps_from_metadata, training_metadata
 from ..adapters.network import AdapterNetwork
 from ..adapters.targets import DEFAULT_PRESET, select_targets
+from .attention import use_fused_attention
 from .checkpointing import attach_checkpointing
 from .dtypes import resolve_lora_dtype, resolve_training_dtype
 from .run_outputs import CheckpointSettings, SampleSettings, TrainingEvents
@@ -167,6 +168,7 @@ def train_lora(model_patcher, latents, positive, request: LoraTrainingRequest,
              str(lora_dtype).replace("torch.", ""))
 
     train_mp = model_patcher.clone()
+    use_fused_attention(train_mp)
     if dtype != train_mp.model_dtype():
         train_mp.set_model_compute_dtype(dtype)
     existing = request.existing

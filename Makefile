@@ -1,7 +1,7 @@
 # LoRA Lab developer commands. Everything installs itself through scripts/setup_host.sh.
 PY := $(or $(LORALAB_HOME),$(HOME)/.cache/lora-lab)/venv/bin/python
 
-.PHONY: setup demo test unit bench-algorithms
+.PHONY: setup demo test unit bench bench-quick bench-algorithms
 setup:
 	bash scripts/setup_host.sh
 
@@ -13,6 +13,12 @@ test: setup
 
 unit: setup
 	$(PY) -m pytest tests/unit -q
+
+bench: setup
+	$(PY) bench/run_bench.py
+
+bench-quick: setup
+	$(PY) bench/run_bench.py --quick --out artifacts/bench-quick
 
 bench-algorithms: setup
 	$(PY) bench/algorithms.py

@@ -53,7 +53,7 @@ class FlopCount:
         return {str(op): int(n) for op, n in counts.items()}
 
 
-def matmul_peak(dtype: torch.dtype = torch.float32, sizes=(1024, 2048, 3072), repeats: int = 5,
+def matmul_peak(dtype: torch.dtype = torch.float32, sizes=(1024, 2048, 3072, 4096), repeats: int = 8,
                 device: str = "cpu") -> dict:
     """Best achieved FLOP/s of square ``torch.mm`` over a few sizes (best of ``repeats`` each).
 

@@ -1,0 +1,229 @@
+"""Turns the workers' raw results into summary figures and the markdown of bench/results.md."""
+from __future__ import annotations
+
+import statistics
+
+ARM_LABELS = {
+    "native": "ComfyUI native",
+    "ours": "LoRA Lab",
+    "ours_matched": "LoRA Lab, native's layer set",
+}
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def _pooled_steps(runs: list[dict]) -> list[float]:
+    """Step times of all runs of one arm, each run's first (warm-up) step left out."""
+    return [t for r in runs for t in (r["step_seconds"][1:] or r["step_seconds"])]
+
+
+def _peak_for(dtype: str, peak: dict) -> tuple[float | None, str]:
+    key = "bf16" if "bf16" in dtype or "bfloat16" in dtype else "fp32"
+    entry = peak.get(key) or {}
+    return entry.get("flops_per_s"), key
+
+
+def summarize_arm(runs: list[dict], peak: dict) -> dict:
+    steps = _pooled_steps(runs)
+    s_per_step = _median(steps)
+    flops = next((r["flops_per_step"] for r in runs if "flops_per_step" in r), None)
+    evals = next((r["eval"] for r in runs if "eval" in r), None)
+    first = runs[0]
+    achieved = flops / s_per_step if flops and s_per_step else None
+    peak_rate, peak_key = _peak_for(first["training_dtype"], peak)
+    return {
+        "s_per_step": s_per_step, "measured_steps": len(steps), "runs": len(runs),
+        "run_medians": [r["median_s_per_step"] for r in runs],
+        "train_mem_mib": _median([r["train_mem_mib"] for r in runs]),
+        "train_mem_runs": [r["train_mem_mib"] for r in runs],
+        "process_peak_mib": _median([r["process_peak_mib"] for r in runs]),
+        "baseline_rss_mib": _median([r["baseline_rss_mib"] for r in runs]),
+        "mem_method": first["mem_method"],
+        "training_dtype": first["training_dtype"], "lora_dtype": first["lora_dtype"],
+        "trainable_params": first["trainable_params"], "adapted_layers": first["adapted_layers"],
+        "norm_bias_offsets": first.get("norm_bias_offsets", 0),
+        "flops_per_step": flops, "achieved_flops_per_s": achieved,
+        "peak_dtype": peak_key, "fraction_of_peak": achieved / peak_rate if achieved and peak_rate else None,
+        "eval": evals, "steps_per_run": first["settings"]["steps"],
+        "loadavg": [r.get("loadavg_start") for r in runs],
+    }
+
+
+def summarize(results: dict) -> dict:
+    peak = results["peak"]
+    fp32 = {arm: summarize_arm(runs, peak) for arm, runs in results["fp32"].items()}
+    native = fp32.get("native", {}).get("s_per_step")
+    for arm, s in fp32.items():
+        s["speedup_vs_native"] = native / s["s_per_step"] if native and s["s_per_step"] else None
+    defaults = {side: summarize_arm(runs, peak) for side, runs in results.get("defaults", {}).items() if runs}
+    native_d = defaults.get("native", {}).get("s_per_step")
+    for s in defaults.values():
+        s["speedup_vs_native"] = native_d / s["s_per_step"] if native_d and s["s_per_step"] else None
+    cost = []
+    for row in results.get("cost", []):
+        r = row["result"]
+        cost.append({k: row[k] for k in ("mode", "factor", "batch", "size", "rank")} |
+                    {"s_per_step": r["median_s_per_step"], "s_per_image": r["median_s_per_step"] / row["batch"],
+                     "train_mem_mib": r["train_mem_mib"], "process_peak_mib": r["process_peak_mib"],
+                     "trainable_params": r["trainable_params"]})
+    depth = [{"depth": row["depth"], "s_per_step": row["result"]["median_s_per_step"],
+              "train_mem_mib": row["result"]["train_mem_mib"], "process_peak_mib": row["result"]["process_peak_mib"]}
+             for row in results.get("depth", [])]
+    return {"fp32": fp32, "defaults": defaults, "cost": cost, "depth": depth}
+
+
+# --- markdown -------------------------------------------------------------------------------------
+
+def _f(value, fmt="{:.2f}", none="–"):
+    return none if value is None else fmt.format(value)
+
+
+def _gflops(value):
+    return _f(value, "{:.1f}") if value is None else f"{value / 1e9:.1f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _speed_table(arms: dict) -> list[str]:
+    rows = []
+    for arm, s in arms.items():
+        runs = ", ".join(f"{m:.2f}" for m in s["run_medians"])
+        rows.append([ARM_LABELS.get(arm, arm), f"{s['training_dtype']} / {s['lora_dtype']}", _f(s["s_per_step"]),
+                     f"{runs}", _f(s["speedup_vs_native"], "{:.2f}x"), _f(s["train_mem_mib"], "{:.0f} MiB"),
+                     _f(s["process_peak_mib"], "{:.0f} MiB"),
+                     f"{s['trainable_params']:,} ({s['adapted_layers']} layers + {s['norm_bias_offsets']} offsets)"])
+    return _table(["trainer", "train / adapter dtype", "s/step (median)", "per-run medians", "speed vs native",
+                   "training memory", "process peak RSS", "trainable parameters"], rows)
+
+
+def _flops_table(arms: dict, peak: dict) -> list[str]:
+    rows = []
+    for arm, s in arms.items():
+        rows.append([ARM_LABELS.get(arm, arm), _gflops(s["flops_per_step"]), _f(s["s_per_step"]),
+                     _gflops(s["achieved_flops_per_s"]), s["peak_dtype"],
+                     _gflops((peak.get(s["peak_dtype"]) or {}).get("flops_per_s")),
+                     _f(s["fraction_of_peak"], "{:.1%}")])
+    return _table(["trainer", "GFLOP/step (counted)", "s/step", "achieved GFLOP/s", "peak dtype",
+                   "matmul peak GFLOP/s", "of peak"], rows)
+
+
+def _eval_table(arms: dict) -> list[str]:
+    rows = []
+    for arm, s in arms.items():
+        e = s.get("eval")
+        if not e:
+            continue
+        change = (e["trained"] - e["base"]) / e["base"] if e["base"] else None
+        rows.append([ARM_LABELS.get(arm, arm), str(s["steps_per_run"]), f"{e['base']:.4f}", f"{e['trained']:.4f}",
+                     _f(change, "{:+.1%}"), str(e["pairs"])])
+    return _table(["trainer", "steps", "held-out loss, base model", "after training", "change", "pairs"], rows)
+
+
+def _cost_table(cost: list[dict]) -> list[str]:
+    modes = list(dict.fromkeys(c["mode"] for c in cost))
+    cells = list(dict.fromkeys((c["factor"], c["batch"], c["size"], c["rank"]) for c in cost))
+    by = {(c["mode"], c["factor"], c["batch"], c["size"], c["rank"]): c for c in cost}
+    header = ["varied", "batch", "px", "rank"]
+    for m in modes:
+        header += [f"{m} s/step", f"{m} s/image", f"{m} training memory"]
+    rows = []
+    for cell in cells:
+        row = [cell[0], str(cell[1]), str(cell[2]), str(cell[3])]
+        for m in modes:
+            c = by.get((m, *cell))
+            row += [_f(c and c["s_per_step"]), _f(c and c["s_per_image"]), _f(c and c["train_mem_mib"], "{:.0f} MiB")]
+        rows.append(row)
+    return _table(header, rows)
+
+
+def _depth_table(depth: list[dict]) -> list[str]:
+    off = next((d for d in depth if d["depth"] == 0), None)
+    rows = []
+    for d in depth:
+        rel_time = d["s_per_step"] / off["s_per_step"] if off else None
+        rel_mem = d["train_mem_mib"] / off["train_mem_mib"] if off and off["train_mem_mib"] else None
+        rows.append([str(d["depth"] or "off"), _f(d["s_per_step"]), _f(rel_time, "{:.2f}x"),
+                     _f(d["train_mem_mib"], "{:.0f} MiB"), _f(rel_mem, "{:.2f}x"), _f(d["process_peak_mib"], "{:.0f} MiB")])
+    return _table(["checkpoint_depth", "s/step", "time vs off", "training memory", "memory vs off",
+                   "process peak RSS"], rows)
+
+
+def markdown(results: dict, summary: dict) -> str:
+    m, plan, peak = results["machine"], results["plan"], results["peak"]
+    fp32 = summary["fp32"]
+    base = plan["base"]
+    lines = [
+        "# LoRA training benchmark: ComfyUI native trainer vs LoRA Lab",
+        "",
+        f"{results['date']} · {m['cpu']} ({m['cores']} cores, bf16 instructions: {', '.join(m['bf16_flags']) or 'none'})"
+        f" · torch {m['torch']} ({m['torch_threads']} threads) · Python {m['python']}"
+        f" · `make bench`{' --quick' if results['quick'] else ''} took {results['total_wall_s'] / 60:.1f} min",
+        "",
+        f"Tiny SD1.5-architecture model (devkit fixture), {base['size']} px, 8 motif images, batch {base['batch']}, "
+        f"rank {base['rank']}, alpha 1, AdamW lr 5e-4, MSE, gradient checkpointing on. Every run is a fresh "
+        "process; step 1 of each run is warm-up and left out.",
+        "",
+        f"## Speed and memory, fp32 training and adapter weights ({plan['rounds']} round(s) of "
+        f"{' / '.join(ARM_LABELS[a] for a in plan['arms'])}, {plan['steps']} steps each)",
+        "",
+        *_speed_table(fp32),
+        "",
+        "## Achieved FLOP/s (fp32)",
+        "",
+        *_flops_table(fp32, peak),
+        "",
+        f"## Held-out loss after {plan['steps']} steps (fp32)",
+        "",
+        *_eval_table(fp32),
+    ]
+    if summary["defaults"]:
+        lines += ["", f"## Each node at its own defaults ({plan['default_rounds']} round(s), {plan['default_steps']} steps each)",
+                  "", *_speed_table(summary["defaults"]), "", *_flops_table(summary["defaults"], peak)]
+    if summary["cost"]:
+        lines += ["", f"## Cost of LoRA Lab (fp32), one factor varied at a time around batch {base['batch']}, "
+                      f"{base['size']} px, rank {base['rank']} ({plan['cost_steps']} steps per cell)", "",
+                  *_cost_table(summary["cost"])]
+    if summary.get("depth"):
+        lines += ["", f"## Gradient checkpointing: memory/speed at each checkpoint_depth (LoRA Lab, fp32, bypass, "
+                      f"batch {base['batch']}, {base['size']} px, rank {base['rank']}, {plan['depth_steps']} steps each)", "",
+                  *_depth_table(summary["depth"]), "",
+                  "Depth 1 checkpoints whole blocks (fewest stored activations); each deeper level checkpoints "
+                  "smaller pieces, so fewer activations are recomputed per piece but more piece boundaries are kept."]
+    lines += ["", "## How each figure is measured", "", *NOTES]
+    return "\n".join(lines) + "\n"
+
+
+NOTES = [
+    "- **s/step**: native is timed through ComfyUI's progress hook (`comfy.utils.set_progress_bar_global_hook`; "
+    "its TrainSampler updates the ProgressBar once per optimizer step, so a step is the gap between two updates); "
+    "LoRA Lab through `train_lora(on_step=...)` (`StepReport.seconds`). Step 1 of every run is left out; the figure "
+    "is the median over the remaining steps of all runs of that trainer. Speed vs native = native s/step ÷ this s/step.",
+    "- **training memory**: peak RSS while the trainer runs (its setup included) minus the RSS just before it is "
+    "called, with the model loaded and the data encoded. The peak is Linux's VmHWM after resetting it with "
+    "`echo 5 > /proc/self/clear_refs` just before training (a 5 ms VmRSS sampling thread where that reset does not "
+    "work). **process peak RSS**: the whole process's peak (VmHWM before and after the reset). The images are "
+    "VAE/CLIP-encoded once in a separate process, so neither the VAE nor CLIP is in these processes.",
+    "- **FLOPs/step**: `torch.utils.flop_counter.FlopCounterMode` around one extra 1-step run in the same process. "
+    "It counts matmuls, convolutions and attention as executed, so checkpointing's recomputation and a weight "
+    "wrapper's per-forward `W + up @ down` are included, and each trainer's FLOPs are its own work. "
+    "**achieved FLOP/s** = FLOPs/step ÷ median s/step; **of peak** = that ÷ the best square `torch.mm` FLOP/s "
+    "(sizes 1024–4096, best of 8) measured in the same bench run, in the training dtype.",
+    "- **held-out loss**: `loralab.sampler.evaluation.heldout_loss` on `heldout_pairs` (4 fixed (noise, sigma) "
+    "pairs per image, seed 1234) of a `TrainingSet` built from the same latents and positives; prediction-space "
+    "MSE, fp32. Native's LORA_MODEL is applied with `comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)`, "
+    "LoRA Lab's through its returned model. Native trains on MSE of the denoised latent, LoRA Lab on MSE in "
+    "prediction space (epsilon); the held-out metric is the same for both.",
+    "- **layer sets**: native adapts every linear and conv layer and trains an offset for every norm weight and "
+    "bias; LoRA Lab's default adapts the attention and feed-forward layers only. The 'native's layer set' row "
+    "(target_layers 'all linear+conv', train_norm_bias on) trains the same set as native.",
+    "- **defaults**: native's defaults are read from its schema (bf16 training and adapter weights); LoRA Lab's "
+    "are training_dtype 'auto' and lora_dtype 'auto' (bf16 compute where the CPU has bf16 instructions, fp32 "
+    "adapter weights). 'of peak' there is against the matmul peak of the run's training dtype.",
+    "- **cost table**: LoRA Lab only, fp32; bypass = adapters as forward hooks, wrapper = weight wrappers that "
+    "rebuild W + ΔW on each forward (ComfyUI native's mechanism). s/image = s/step ÷ batch.",
+]

@@ -12,6 +12,9 @@ async def comfy_entrypoint():
     from comfy_api.latest import ComfyExtension
 
     from .nodes_train import NODES
+    from .sampler.run_checkpoints import register_output_loras
+
+    register_output_loras()  # saved LoRAs and checkpoints (output/loras) can be chosen as existing_lora
 
     class LoraLabExtension(ComfyExtension):
         async def get_node_list(self):

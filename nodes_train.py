@@ -9,9 +9,8 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io, ui
 
-from .adapters.files import load_adapter_file, next_lora_path, save_adapter_file
-from .adapters.keys import DEFAULT_KEY_STYLE, KEY_STYLES, to_key_style
-from .adapters.metadata import metadata_of
+from .adapters.files import load_adapter_file, next_lora_path
+from .adapters.keys import DEFAULT_KEY_STYLE, KEY_STYLES
 from .adapters.registry import ALGORITHM_OPTIONS, ALGORITHMS
 from .adapters.targets import DEFAULT_PRESET, PRESETS
 from .sampler import train_state
@@ -19,6 +18,7 @@ from .report.loss_plot import render_loss_plot
 from .sampler.dtypes import DTYPE_CHOICES
 from .sampler.lora_training import ExistingAdapter, LoraTrainingRequest, train_lora
 from .sampler.objective import LOSS_FUNCTIONS
+from .sampler.run_checkpoints import save_lora
 from .sampler.run_outputs import CheckpointSettings, SampleSettings, TrainingEvents
 from .sampler.optimizers import OPTIMIZERS
 from .sampler.train_sampler import TrainConfig
@@ -46,7 +46,8 @@ def _load_existing(name: str) -> ExistingAdapter | None:
         return None
     path = folder_paths.get_full_path("loras", name)
     if path is None:
-        raise ValueError(f"existing_lora '{name}' was not found in models/loras; refresh the node or pick [None]")
+        raise ValueError(f"existing_lora '{name}' was not found in models/loras or output/loras; refresh the node "
+                         "(press R) or pick [None]")
     tensors, metadata = load_adapter_file(path)
     return ExistingAdapter(tensors, metadata, train_state.load(train_state.state_path_for(path)), name)
 
@@ -182,7 +183,15 @@ class TrainLora(io.ComfyNode):
 
         events = TrainingEvents()
         result = train_lora(_first(model), latents, positive, request, on_step=on_step, events=events)
-        return io.NodeOutput(result.model, result.lora, {"loss": result.losses}, result.total_steps)
+        shown = [_saved_output(p) for p in result.samples]  # the previews stay on the node after the run
+        return io.NodeOutput(result.model, result.lora, {"loss": result.losses}, result.total_steps,
+                             ui={"images": shown} if shown else None)
+
+
+def _saved_output(path) -> ui.SavedResult:
+    """A file under the output directory as the UI addresses it (file name, sub-folder, type)."""
+    sub = os.path.relpath(os.path.dirname(path), folder_paths.get_output_directory())
+    return ui.SavedResult(os.path.basename(path), "" if sub == "." else sub.replace(os.sep, "/"), io.FolderType.output)
 
 
 def _sample_settings(every, positive, vae, seed, width, height, steps) -> SampleSettings | None:
@@ -225,17 +234,8 @@ class SaveLoRA(io.ComfyNode):
     def execute(cls, lora, prefix, steps=None, key_style=DEFAULT_KEY_STYLE):
         if not isinstance(lora, dict) or not lora:
             raise ValueError("lora is empty: connect the lora output of a Train LoRA node")
-        tensors = to_key_style(dict(lora), key_style, getattr(lora, "kohya_names", None))
         output_dir = folder_paths.get_output_directory()
-        path = next_lora_path(output_dir, prefix, steps)
-        metadata = metadata_of(lora)
-        metadata["loralab_key_style"] = key_style
-        if steps is not None:
-            metadata["ss_steps"] = str(steps)
-        state = getattr(lora, "train_state", None)
-        if state is not None:  # written first: an adapter file never points at a missing state
-            train_state.save(train_state.state_path_for(path), *state)
-        save_adapter_file(path, tensors, metadata)
+        path = save_lora(next_lora_path(output_dir, prefix, steps), lora, key_style, steps)
         rel = os.path.relpath(path, output_dir)
         log.info("LoRA Lab: saved %s", path)
         return io.NodeOutput(ui={"lora_files": [{"filename": os.path.basename(rel),

@@ -24,6 +24,8 @@ from ..adapters.targets import DEFAULT_PRESET, select_targets
 from .attention import use_fused_attention
 from .checkpointing import attach_checkpointing
 from .dtypes import resolve_lora_dtype, resolve_training_dtype
+from .previews import RunPreviews, show_on_node
+from .run_checkpoints import RunCheckpoints
 from .run_outputs import CheckpointSettings, SampleSettings, TrainingEvents
 from .train_sampler import StepReport, TrainConfig, TrainSampler
 from .training_set import TrainingSet
@@ -70,6 +72,7 @@ class LoraTrainingResult:
     losses: list[float]
     total_steps: int
     network: AdapterNetwork
+    samples: list = field(default_factory=list)  # paths of the preview images saved during the run
 
 
 def release_patcher(model_patcher) -> None:
@@ -119,6 +122,17 @@ def load_for_training(model_patcher, offload: bool) -> None:
     mm.current_loaded_models.insert(0, loaded)
 
 
+def ensure_loaded(model_patcher, offload: bool) -> None:
+    """Loads the training patcher again if something (a VAE decode on a full device) unloaded it:
+    unloading ejects the adapter hooks, and training on would silently train nothing."""
+    if any(loaded.model is model_patcher for loaded in comfy.model_management.current_loaded_models):
+        return
+    log.warning("LoRA Lab: the training model was unloaded (device memory was needed); loading it again")
+    load_for_training(model_patcher, offload)
+    replace_inference_tensors(model_patcher.model.diffusion_model)
+    freeze(model_patcher.model)
+
+
 def freeze(model: torch.nn.Module) -> None:
     """Base weights never need gradients: ComfyUI loads them with requires_grad=True, and autograd
     would otherwise build a full-size weight gradient for every layer on every step."""
@@ -161,6 +175,9 @@ def train_lora(model_patcher, latents, positive, request: LoraTrainingRequest,
     """Trains adapters on ``model_patcher`` (left unchanged) and returns the result."""
     started = time.time()
     events = events or TrainingEvents()
+    # Checked before any work, so a bad prefix or preview size fails at once, not after training.
+    checkpoints = RunCheckpoints(request.checkpoints) if request.checkpoints is not None else None
+    previews = RunPreviews(request.samples, _output_directory()) if request.samples is not None else None
     device = model_patcher.load_device
     dtype, reason = resolve_training_dtype(request.training_dtype, device)
     lora_dtype = resolve_lora_dtype(request.lora_dtype, dtype)
@@ -192,19 +209,39 @@ def train_lora(model_patcher, latents, positive, request: LoraTrainingRequest,
         freeze(train_mp.model)
         try:
             data = TrainingSet(train_mp.model, latents, positive, device)
+
+            def lora_now(steps: int) -> LoraStateDict:
+                return _lora_state(model_patcher, request, network, data, sampler, started, steps, dtype)
+
             def report_step(report: StepReport) -> None:
                 if on_step is not None:
                     on_step(report)
                 events.step(report)
+                step = report.completed  # global: steps of a continued LoRA count too
+                if checkpoints is not None and checkpoints.due(step):
+                    path, message = checkpoints.save_periodic(step, lora_now(step))
+                    events.checkpoint(step, str(path), "periodic", message)
+                if previews is not None and previews.due(step):
+                    path, image = previews.make(train_mp, step)
+                    ensure_loaded(train_mp, request.offloading)
+                    events.sample(step, str(path), image)
+                    show_on_node(image, report.step, report.total)
 
             sampler = TrainSampler(train_mp, network.named_trainables(), data, request.config, report_step)
-            if existing is not None and existing.train_state is not None:
-                _restore(sampler, existing)
+            previous_steps = steps_from_metadata(existing.metadata) if existing else 0
+            if not (existing is not None and existing.train_state is not None and _restore(sampler, existing)):
+                sampler.completed_steps = previous_steps
             events.started(request.config.steps, sampler.completed_steps)
             train_start = time.perf_counter()
             try:
                 losses = sampler.run()
             except comfy.model_management.InterruptProcessingException:
+                try:
+                    if checkpoints is not None and checkpoints.settings.on_interrupt:
+                        _checkpoint_on_interrupt(checkpoints, sampler, request, lora_now, events)
+                except Exception:
+                    events.finished("error")
+                    raise
                 events.finished("interrupted")
                 raise
             except Exception:
@@ -217,24 +254,49 @@ def train_lora(model_patcher, latents, positive, request: LoraTrainingRequest,
             release_patcher(train_mp)
         network.requires_grad_(False)
 
-    previous_steps = steps_from_metadata(existing.metadata) if existing else 0
     total_steps = previous_steps + request.config.steps
+    out_mp = model_patcher.clone()
+    attach(out_mp, network, request.bypass_mode)
+    lora = _lora_state(model_patcher, request, network, data, sampler, started, total_steps, dtype)
+    events.finished("finished")
+    return LoraTrainingResult(out_mp, lora, losses, total_steps, network, list(previews.saved) if previews else [])
+
+
+def _output_directory() -> str:
+    import folder_paths
+    return folder_paths.get_output_directory()
+
+
+def _lora_state(model_patcher, request: LoraTrainingRequest, network: AdapterNetwork, data: TrainingSet,
+                sampler: TrainSampler, started: float, steps: int, dtype) -> LoraStateDict:
+    """The LORA_MODEL value of the network as it is now: tensors, metadata for ``steps`` trained,
+    kohya layer names and the resumable training state (the same for checkpoints and the result)."""
     first = network.layers[0]
     metadata = training_metadata(
         algorithm=network.algorithm, rank=network.rank, alpha=float(getattr(first, "alpha", request.alpha)),
-        steps=total_steps, learning_rate=request.config.learning_rate, base_model=base_model_name(model_patcher),
+        steps=steps, learning_rate=request.config.learning_rate, base_model=base_model_name(model_patcher),
         resolutions=[(s[-1] * 8, s[-2] * 8) for s in data.shapes], dataset_size=data.size,
         optimizer=request.config.optimizer, loss_function=request.config.loss_function,
         batch_size=request.config.batch_size, seed=request.config.seed, training_dtype=dtype,
         target_layers=request.target_layers, started_at=started, captions=request.captions,
         algorithm_options=request.algorithm_options, norm_bias=len(network.offsets) > 0)
-    out_mp = model_patcher.clone()
-    attach(out_mp, network, request.bypass_mode)
     lora = LoraStateDict(network.to_state_dict(), metadata)
     lora.kohya_names = kohya_layer_names(model_patcher.model, network.names + [l for (l, _), _ in network.offsets.items()])
     lora.train_state = sampler.capture_state(_fingerprint(request, network))
-    events.finished("finished")
-    return LoraTrainingResult(out_mp, lora, losses, total_steps, network)
+    return lora
+
+
+def _checkpoint_on_interrupt(checkpoints: RunCheckpoints, sampler: TrainSampler, request: LoraTrainingRequest,
+                             lora_now, events: TrainingEvents) -> None:
+    """Saves the last completed step of an interrupted run (the sampler has rewound any half-done
+    step) and reports where it is and how to continue."""
+    done = len(sampler.losses)
+    if done == 0:
+        log.warning("LoRA Lab: training was interrupted before the first step completed; no checkpoint saved")
+        return
+    step = sampler.completed_steps
+    path, message = checkpoints.save_interrupted(step, lora_now(step), remaining=request.config.steps - done)
+    events.checkpoint(step, str(path), "interrupted", message)
 
 
 def _fingerprint(request: LoraTrainingRequest, network: AdapterNetwork) -> dict:
@@ -242,16 +304,19 @@ def _fingerprint(request: LoraTrainingRequest, network: AdapterNetwork) -> dict:
             "batch_size": request.config.batch_size, "seed": request.config.seed}
 
 
-def _restore(sampler: TrainSampler, existing: ExistingAdapter) -> None:
+def _restore(sampler: TrainSampler, existing: ExistingAdapter) -> bool:
+    """Restores the file's training state; False (with a warning) when it cannot be used."""
     saved = json.loads(existing.train_state[1].get("fingerprint", "{}"))
     if saved.get("optimizer") != sampler.config.optimizer:
         log.warning("LoRA Lab: training state of '%s' was made with optimizer %s, not %s; continuing from the "
                     "weights only", existing.name, saved.get("optimizer"), sampler.config.optimizer)
-        return
+        return False
     try:
         sampler.restore_state(existing.train_state)
         log.info("LoRA Lab: restored optimizer state, RNG and data order of '%s' (step %d)", existing.name,
                  sampler.completed_steps)
+        return True
     except (ValueError, KeyError, RuntimeError) as e:
         log.warning("LoRA Lab: training state of '%s' does not fit (%s); continuing from the weights only",
                     existing.name, e)
+        return False

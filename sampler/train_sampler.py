@@ -57,6 +57,7 @@ class TrainSampler:
         self.names = [n for n, _ in named]
         self.parameters = [p for _, p in named]
         self.completed_steps = 0  # optimizer steps taken, including those of a restored state
+        self.losses: list[float] = []  # of this run's completed steps
         self.data = training_set
         self.config = config
         self.on_step = on_step
@@ -101,20 +102,50 @@ class TrainSampler:
         return train_state.capture(self.optimizer, self.names, self.generator, orders, self.completed_steps, fingerprint)
 
     def restore_state(self, state) -> None:
-        """Continues from a captured state: optimizer moments, RNG, data order and step count."""
-        step, orders = train_state.restore(state, self.optimizer, self.names, self.generator)
+        """Continues from a captured state: optimizer moments, RNG, data order and step count.
+
+        The state's tensors are copied first: a file read while ComfyUI executes a node gives
+        inference-mode tensors, which the optimizer could not update in place.
+        """
+        tensors, metadata = state
+        with torch.inference_mode(False):
+            tensors = {key: value.clone() for key, value in tensors.items()}
+        step, orders = train_state.restore((tensors, metadata), self.optimizer, self.names, self.generator)
         self.completed_steps = step
         if len(orders) == len(self.data.buckets):
             for bucket, order in zip(self.data.buckets, orders):
                 bucket.order = list(order)
 
+    def _position(self) -> tuple[torch.Tensor, list[list[int]]]:
+        """Where the random stream and the data order stand (cheap; taken before every step)."""
+        return self.generator.get_state(), [list(b.order) for b in self.data.buckets]
+
+    def _rewind(self, position) -> None:
+        """Back to ``position`` and no accumulated gradient: the state after the last completed step."""
+        rng, orders = position
+        self.generator.set_state(rng)
+        for bucket, order in zip(self.data.buckets, orders):
+            bucket.order = order
+        self.optimizer.zero_grad(set_to_none=True)
+
     def run(self) -> list[float]:
-        """All steps; returns the loss of each step. Raises ComfyUI's interrupt exception if stopped."""
-        losses = []
+        """All steps; returns the loss of each step. Raises ComfyUI's interrupt exception if stopped.
+
+        An interrupt in the middle of a step (between accumulated micro-batches, which already drew
+        from the RNG and the data order) rewinds to the start of that step, so ``capture_state``
+        then describes the last completed step exactly and resuming from it repeats nothing.
+        ``self.losses`` holds the losses of the completed steps either way.
+        """
+        self.losses = losses = []
         with torch.inference_mode(False), torch.enable_grad():
             for i in range(self.config.steps):
                 start = time.perf_counter()
-                loss = self.step()
+                position = self._position()
+                try:
+                    loss = self.step()
+                except comfy.model_management.InterruptProcessingException:
+                    self._rewind(position)
+                    raise
                 self.completed_steps += 1
                 losses.append(loss)
                 if self.on_step:

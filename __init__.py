@@ -12,8 +12,10 @@ async def comfy_entrypoint():
     from comfy_api.latest import ComfyExtension
 
     from .nodes_train import NODES
+    from .report.live import register_routes
     from .sampler.run_checkpoints import register_output_loras
 
+    register_routes()  # GET /loralab/history: the live chart's state after a page reload
     register_output_loras()  # saved LoRAs and checkpoints (output/loras) can be chosen as existing_lora
 
     class LoraLabExtension(ComfyExtension):

@@ -15,11 +15,12 @@ from .adapters.registry import ALGORITHM_OPTIONS, ALGORITHMS
 from .adapters.targets import DEFAULT_PRESET, PRESETS
 from .sampler import train_state
 from .report.loss_plot import render_loss_plot
+from .report.live import LiveTrainingEvents
 from .sampler.dtypes import DTYPE_CHOICES
 from .sampler.lora_training import ExistingAdapter, LoraTrainingRequest, train_lora
 from .sampler.objective import LOSS_FUNCTIONS
 from .sampler.run_checkpoints import save_lora
-from .sampler.run_outputs import CheckpointSettings, SampleSettings, TrainingEvents
+from .sampler.run_outputs import CheckpointSettings, SampleSettings
 from .sampler.optimizers import OPTIMIZERS
 from .sampler.train_sampler import TrainConfig
 from .nodes_dataset import LoadImageSet, ImageSetFromImages
@@ -181,7 +182,8 @@ class TrainLora(io.ComfyNode):
         def on_step(report):
             progress.update_absolute(report.step, report.total)
 
-        events = TrainingEvents()
+        events = LiveTrainingEvents.for_running_node(getattr(cls.hidden, "unique_id", None),
+                                                     folder_paths.get_output_directory())
         result = train_lora(_first(model), latents, positive, request, on_step=on_step, events=events)
         shown = [_saved_output(p) for p in result.samples]  # the previews stay on the node after the run
         return io.NodeOutput(result.model, result.lora, {"loss": result.losses}, result.total_steps,

@@ -79,7 +79,8 @@ def test_progress_events_carry_every_step_once_and_history_serves_them(server, m
         assert run["points"] == points and run["loss"] == loss_map[-1]
 
 
-def test_interrupt_reports_the_points_so_far_and_the_interrupted_status(server, motif_dir):
+def test_interrupt_reports_the_points_so_far_the_checkpoint_and_the_interrupted_status(server, motif_dir,
+                                                                                       comfy_base):
     asked = {"done": False}
 
     def on_event(event):
@@ -87,13 +88,44 @@ def test_interrupt_reports_the_points_so_far_and_the_interrupted_status(server, 
             asked["done"] = True
             post_interrupt(server)
 
-    events = run_and_watch(server, training_prompt("loralab_motif", steps=500, prefix="loras/live_stop"), on_event)
+    prompt = training_prompt("loralab_motif", steps=500, prefix="loras/live_stop", checkpoint_prefix="loras/live_stop_ck")
+    events = run_and_watch(server, prompt, on_event)
     assert events[-1]["type"] == "execution_interrupted"
     assert [s["status"] for s in live(events, "status")] == ["running", "interrupted"]
     points = points_of(live(events, "progress"))
     (run,) = server.get_json(f"/loralab/history?node={TRAIN_NODE}")["runs"]
     assert run["status"] == "interrupted" and run["total"] == 500
     assert points == run["points"] and [p[0] for p in points] == list(range(1, run["step"] + 1))
+
+    (checkpoint,) = live(events, "checkpoint")  # the node's message line: where the work is, how to go on
+    assert checkpoint["reason"] == "interrupted" and checkpoint["step"] == run["step"]
+    assert (comfy_base / "output" / checkpoint["path"]).is_file()
+    assert checkpoint["path"].startswith("loras/live_stop_ck") and "existing_lora" in checkpoint["message"]
+    assert run["checkpoints"] == [{k: checkpoint[k] for k in ("step", "reason", "path", "message")}]
+    order = [e["type"] for e in events if e["type"].startswith("loralab.")]
+    assert order[-2:] == ["loralab.checkpoint", "loralab.status"]
+
+
+def test_previews_and_periodic_checkpoints_reach_the_browser(server, motif_dir, comfy_base):
+    prompt = training_prompt("loralab_motif", steps=4, prefix="loras/live_previews", sample_every=2,
+                             sample_positive=["9", 0], sample_vae=["1", 2], sample_width=64, sample_height=64,
+                             sample_steps=1, save_every=2, keep_last=5, checkpoint_prefix="loras/live_periodic")
+    prompt["9"] = node("CLIPTextEncode", clip=["1", 1], text="a photo of lrlb motif")
+    events = run_and_watch(server, prompt)
+    assert events[-1]["type"] == "execution_success"
+    samples, checkpoints = live(events, "sample"), live(events, "checkpoint")
+    assert [s["step"] for s in samples] == [2, 4] and [c["step"] for c in checkpoints] == [2, 4]
+    for s in samples:
+        image = s["image"]
+        assert image["type"] == "output"
+        query = urllib.parse.urlencode(image)
+        status, body = _get(server, f"/view?{query}")  # what the node's <img> loads
+        assert status == 200 and body[:8] == b"\x89PNG\r\n\x1a\n"
+    for c in checkpoints:
+        assert c["reason"] == "periodic" and (comfy_base / "output" / c["path"]).is_file()
+    (run,) = server.get_json(f"/loralab/history?node={TRAIN_NODE}")["runs"]
+    assert [s["image"] for s in run["samples"]] == [s["image"] for s in samples]
+    assert [c["path"] for c in run["checkpoints"]] == [c["path"] for c in checkpoints]
 
 
 def _get(server, path: str) -> tuple[int, bytes]:

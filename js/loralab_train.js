@@ -10,7 +10,7 @@ import { drawLossChart, statusText } from "./loralab_chart.js";
 const TRAIN_NODE = "LoraLab_TrainLora";
 const WIDGET_NAME = "loralab_live";
 const MAX_SAMPLES_SHOWN = 4;
-const CHART_HEIGHT = 170;
+const CHART_HEIGHT = 210;
 const SAMPLE_HEIGHT = 170;
 const TERMINAL = new Set(["finished", "interrupted", "error"]);
 
@@ -154,7 +154,7 @@ function render(view) {
       const img = document.createElement("img");
       img.src = viewURL(s.image);
       img.alt = `preview at step ${s.step}`;
-      img.style.cssText = `max-width:100%;max-height:${SAMPLE_HEIGHT - 16}px;object-fit:contain;`;
+      img.style.cssText = `width:100%;height:${SAMPLE_HEIGHT - 18}px;object-fit:contain;`; // small previews scale up too
       const caption = document.createElement("figcaption");
       caption.textContent = `step ${s.step}`;
       figure.append(img, caption);
@@ -184,9 +184,10 @@ function addLiveWidget(node) {
     + "background:var(--comfy-input-bg, rgba(0,0,0,0.2));border-radius:4px;";
   const status = document.createElement("div");
   status.className = "loralab-status";
+  status.style.cssText = "overflow-wrap:anywhere;";
   const message = document.createElement("div");
   message.className = "loralab-message";
-  message.style.cssText = "color:var(--warning-text, #fc6);white-space:normal;";
+  message.style.cssText = "color:var(--warning-text, #fc6);white-space:normal;overflow-wrap:anywhere;";
   const samples = document.createElement("div");
   samples.className = "loralab-samples";
   samples.style.cssText = `display:none;gap:4px;height:${SAMPLE_HEIGHT}px;flex:0 0 auto;`;

@@ -3,6 +3,7 @@ existing_lora, and resuming from it gives bit for bit the adapter of one uninter
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import safetensors
 import safetensors.torch
@@ -66,3 +67,17 @@ def test_interrupt_checkpoint_resumes_bit_exactly(server, comfy_base):
     # and the comparison means something: the checkpoint itself is a different (earlier) adapter
     tc = _tensors(checkpoint)
     assert any(not torch.equal(tc[k], ta[k]) for k in ta)
+
+
+def test_checkpoint_prefix_outside_the_output_directory_is_refused(server, comfy_base):
+    for prefix in ("../escaped/ckpt", "/tmp/loralab_escaped_ckpt"):
+        entry = server.run_prompt(training_prompt("loralab_motif", steps=2, prefix="loras/escaped_never",
+                                                  checkpoint_prefix=prefix, save_every=1))
+        error = execution_error(entry)
+        assert error is not None and error["node_type"] == "LoraLab_TrainLora"
+        message = error["exception_message"]
+        assert "checkpoint_prefix" in message and prefix in message and "output directory" in message
+    assert not (comfy_base / "escaped").exists()
+    assert not list((comfy_base / "output" / "loras").glob("escaped_never*"))
+    assert not list(Path("/tmp").glob("loralab_escaped_ckpt*"))
+    assert server.is_alive() and server.get_json("/system_stats")

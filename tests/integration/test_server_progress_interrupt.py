@@ -34,6 +34,11 @@ def test_interrupt_stops_training_within_a_step_and_server_goes_on(server, motif
     steps_done = max(e["data"]["value"] for e in events if e["type"] == "progress" and e["data"].get("node") == TRAIN_NODE)
     assert steps_done <= 3
     assert not list((comfy_base / "output" / "loras").glob("interrupted_*"))  # SaveLoRA never ran
+    # ...but the work is kept: a resumable checkpoint of the last completed step (default checkpoint_prefix;
+    # a step may complete after its progress event was sent, when the interrupt lands in the progress hook)
+    saved = {int(p.name[len("loralab_checkpoint_step"):][:5])
+             for p in (comfy_base / "output" / "loras").glob("loralab_checkpoint_step*_interrupted.safetensors")}
+    assert saved & {steps_done, steps_done + 1}, saved
 
     entry = server.run_prompt(training_prompt("loralab_motif", steps=1, prefix="loras/after_interrupt"))
     assert execution_error(entry) is None

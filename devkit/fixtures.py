@@ -34,3 +34,32 @@ def motif_dataset(size: int = DATASET_SIZE, count: int = DATASET_COUNT, mixed_si
         make_motif_dataset(folder, count=count, size=size, seed=0, mixed_sizes=mixed_sizes)
         marker.write_text("ok\n")
     return folder
+
+
+def example_lora() -> Path:
+    """A LoRA trained for a few steps on the tiny checkpoint (+ its .trainstate), for the
+    continue-training template; built in a subprocess on first use and cached."""
+    import subprocess
+    import sys
+
+    from .example_lora import EXAMPLE_LORA_FILENAME, expected_stamp, read_example_stamp
+    checkpoint, dataset = tiny_checkpoint(), motif_dataset()
+    path = fixtures_dir() / EXAMPLE_LORA_FILENAME
+    if not path.is_file() or read_example_stamp(path) != expected_stamp(checkpoint):
+        subprocess.run([sys.executable, "-m", "devkit.example_lora", "--out", str(path.parent),
+                        "--checkpoint", str(checkpoint), "--dataset", str(dataset)],
+                       cwd=Path(__file__).resolve().parent.parent, check=True, stdout=subprocess.DEVNULL)
+    return path
+
+
+def install_example_lora(base_dir: Path) -> str:
+    """Links the example LoRA and its .trainstate into ``base_dir``/models/loras (a ComfyUI base
+    directory) and returns the name ComfyUI lists it under."""
+    lora = example_lora()
+    loras = base_dir / "models" / "loras"
+    loras.mkdir(parents=True, exist_ok=True)
+    for source in (lora, lora.with_suffix(".trainstate")):
+        dest = loras / source.name
+        if not dest.exists():
+            dest.symlink_to(source.resolve())
+    return lora.name

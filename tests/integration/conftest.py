@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from devkit.comfy_host import ComfyServer, make_base_directory
-from devkit.fixtures import DATASET_NAME, motif_dataset, tiny_checkpoint
+from devkit.fixtures import DATASET_NAME, install_example_lora, motif_dataset, tiny_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +21,9 @@ def motif_dir():
 
 @pytest.fixture(scope="session")
 def comfy_base(tmp_path_factory, tiny_ckpt, motif_dir):
-    return make_base_directory(tmp_path_factory.mktemp("comfy_base"), [tiny_ckpt], {DATASET_NAME: motif_dir})
+    base = make_base_directory(tmp_path_factory.mktemp("comfy_base"), [tiny_ckpt], {DATASET_NAME: motif_dir})
+    install_example_lora(base)  # models/loras/loralab_tiny_sd15_example.safetensors, for the templates
+    return base
 
 
 @pytest.fixture(scope="session")

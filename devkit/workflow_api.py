@@ -8,6 +8,8 @@ named seed/noise_seed (or declaring control_after_generate) carries one extra UI
 from __future__ import annotations
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+# Canvas-only nodes of the frontend (text notes): never part of the prompt it queues.
+FRONTEND_ONLY = {"Note", "MarkdownNote"}
 
 
 def _is_widget(spec) -> bool:
@@ -41,7 +43,7 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
     links = {link[0]: link for link in workflow.get("links", [])}
     prompt: dict[str, dict] = {}
     for node in workflow["nodes"]:
-        if node.get("mode", 0) != 0:
+        if node.get("mode", 0) != 0 or node["type"] in FRONTEND_ONLY:
             continue
         node_type = node["type"]
         if node_type not in object_info:

@@ -112,7 +112,6 @@ class TrainLora(io.ComfyNode):
                 # New inputs go last: saved workflows map widget values by position.
                 io.Int.Input("checkpoint_depth", default=1, min=1, max=5, optional=True,
                              tooltip="How fine the checkpointed pieces are: 1 = whole blocks (least memory), higher = smaller pieces (less recompute per piece)."),
-                # Appended last: saved workflows store widget values by position.
                 io.Int.Input("sample_every", default=0, min=0, max=100000, optional=True,
                              tooltip="Make a preview image every N steps (0 = never). Needs sample_positive and sample_vae."),
                 io.Int.Input("sample_seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, optional=True,

@@ -148,23 +148,23 @@ def send_to_browser(event: str, data: dict) -> bool:
     return True
 
 
-def running_prompt_id() -> str:
-    """The id of the prompt ComfyUI is executing on this thread ('' outside an execution)."""
+def _executing(field: str) -> str:
+    """A field of the execution ComfyUI is running on this thread ('' outside an execution)."""
     try:
         from comfy_execution.utils import get_executing_context
     except ImportError:
         return ""
     context = get_executing_context()
-    return str(context.prompt_id) if context is not None else ""
+    return str(getattr(context, field)) if context is not None else ""
+
+
+def running_prompt_id() -> str:
+    """The id of the prompt ComfyUI is executing on this thread ('' outside an execution)."""
+    return _executing("prompt_id")
 
 
 def _running_node_id() -> str:
-    try:
-        from comfy_execution.utils import get_executing_context
-    except ImportError:
-        return ""
-    context = get_executing_context()
-    return str(context.node_id) if context is not None else ""
+    return _executing("node_id")
 
 
 class LiveTrainingEvents(TrainingEvents):

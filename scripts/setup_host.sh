@@ -74,7 +74,21 @@ if [ "$(cat "$VENV/.req-stamp" 2>/dev/null)" != "$req_stamp" ]; then
   echo "$req_stamp" > "$VENV/.req-stamp"
 fi
 
-# 4. Link the pack into custom_nodes/ (the way users install it).
+# 4. Debian's Chromium for the browser test (Playwright drives it through executable_path and
+#    never downloads a browser of its own). Skipped when a Chromium is already there.
+CHROMIUM="${LORALAB_CHROMIUM:-/usr/bin/chromium}"
+if [ ! -x "$CHROMIUM" ]; then
+  if command -v apt-get >/dev/null; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    log "installing Debian's chromium (for tests/browser)"
+    $SUDO apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends chromium >/dev/null
+  else
+    log "no $CHROMIUM and no apt-get: install Chromium and set LORALAB_CHROMIUM for tests/browser"
+  fi
+fi
+
+# 5. Link the pack into custom_nodes/ (the way users install it).
 mkdir -p "$COMFY_DIR/custom_nodes"
 ln -sfn "$PACK_DIR" "$COMFY_DIR/custom_nodes/lora-lab"
 

@@ -25,7 +25,9 @@ INSTALL_HINT = ("run `make setup` (scripts/setup_host.sh installs Debian's chrom
 _screenshots: list[Path] = []
 
 
-@pytest.fixture(scope="session")
+# Module scope: Playwright's sync API keeps an asyncio loop running in this thread while it is
+# open, which would break asyncio.run in the tests that come after the browser test.
+@pytest.fixture(scope="module")
 def browser_server(tmp_path_factory):
     """A ComfyUI of its own (fresh user settings, an empty output/) with the tiny checkpoint under
     models/checkpoints and the motif image set under input/, as template 1 expects."""
@@ -37,7 +39,7 @@ def browser_server(tmp_path_factory):
     srv.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium():
     """Headless Chromium at ``CHROMIUM``; a clear failure if Playwright or the browser is missing."""
     try:

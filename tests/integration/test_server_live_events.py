@@ -44,7 +44,7 @@ def test_progress_events_carry_every_step_once_and_history_serves_them(server, m
     events = run_and_watch(server, prompt, on_event)
     assert events[-1]["type"] == "execution_success"
     prompt_id = events[-1]["data"]["prompt_id"]
-    loss_map = server.get_json(f"/history/{prompt_id}")[prompt_id]["outputs"][LOSS_NODE]["loss"]
+    loss_map = server.wait_for(prompt_id)["outputs"][LOSS_NODE]["loss"]  # history lands just after the event
     assert len(loss_map) == STEPS
 
     progress = live(events, "progress")

@@ -96,7 +96,7 @@ def runs(server, object_info, comfy_base):
             log_start = len(server.log_text())
             events = run_and_watch(server, prompt, timeout=1800)
             prompt_id = events[-1]["data"]["prompt_id"]
-            entry = server.get_json(f"/history/{prompt_id}")[prompt_id]
+            entry = server.wait_for(prompt_id)  # history is written just after the websocket says done
             done[name] = {"events": events, "prompt": prompt, "entry": entry, "output": output,
                           "log": server.log_text()[log_start:]}
         return done[name]

@@ -17,31 +17,41 @@ from .network import COMFY_PREFIX, AdapterNetwork
 BYPASS_KEY = "loralab_bypass"
 
 
-def _hooked_forward(module: torch.nn.Module, adapter, strength: float):
+def _hooked_forward(module: torch.nn.Module, adapter, output_bias: torch.Tensor | None, strength: float):
     base_forward = type(module).forward
 
     def forward(x, *args, **kwargs):
-        return adapter.bypass(x, base_forward(module, x, *args, **kwargs), module, strength)
+        out = base_forward(module, x, *args, **kwargs)
+        if adapter is not None:
+            out = adapter.bypass(x, out, module, strength)
+        if output_bias is not None:
+            shape = (-1,) if isinstance(module, torch.nn.Linear) else (-1, *([1] * (out.ndim - 2)))
+            out = out + (output_bias * strength).to(out.dtype).view(shape)
+        return out
 
     return forward
 
 
 def attach_bypass(model_patcher, network: AdapterNetwork, strength: float = 1.0) -> None:
-    """Registers forward hooks for every adapter; they are live while the patcher is loaded."""
+    """Registers forward hooks for every adapter (and every Linear/Conv bias offset); they are live
+    while the patcher is loaded."""
+    biases = network.offsets.output_biases(model_patcher.model.diffusion_model)
+    layers = list(dict.fromkeys([name for name, _ in network.items()] + list(biases)))
+    adapters = dict(network.items())
+
     def inject(mp):
         diffusion_model = mp.model.diffusion_model
-        for name, adapter in network.items():
+        for name in layers:
             module = diffusion_model.get_submodule(name)
-            module.forward = _hooked_forward(module, adapter, strength)
+            module.forward = _hooked_forward(module, adapters.get(name), biases.get(name), strength)
 
     def eject(mp):
         diffusion_model = mp.model.diffusion_model
-        for name, _ in network.items():
-            module = diffusion_model.get_submodule(name)
-            module.__dict__.pop("forward", None)
+        for name in layers:
+            diffusion_model.get_submodule(name).__dict__.pop("forward", None)
 
     model_patcher.set_injections(BYPASS_KEY, [PatcherInjection(inject=inject, eject=eject)])
-    network.offsets.attach(model_patcher, COMFY_PREFIX, strength)
+    network.offsets.attach(model_patcher, COMFY_PREFIX, strength, skip=frozenset(biases))
 
 
 def attach_weight_wrappers(model_patcher, network: AdapterNetwork, strength: float = 1.0) -> None:

@@ -1,8 +1,12 @@
 """LoRA: W' = W + (alpha / rank) * up @ down, optionally with DoRA's magnitude vector.
 
 ``down`` maps the layer input to ``rank`` features (for a conv it is a conv with the base
-kernel, stride and padding); ``up`` maps back (a 1x1 conv for convs). ``up`` starts at zero, so a
-fresh adapter changes nothing: step 0 reproduces the base model exactly.
+kernel, stride and padding); ``up`` maps back (a 1x1 conv for convs). ``down`` starts at zero, so a
+fresh adapter changes nothing: step 0 reproduces the base model exactly. ``up`` starts random with
+fan-in = rank, as in ComfyUI's native trainer: with Adam the size of the random factor sets how far
+one step moves the weight, so a learning rate tuned for the native node trains the same here
+(kohya's orientation, a random ``down`` with fan-in = layer width, moves it sqrt(width / rank)
+times less per step at the same rate).
 
 DoRA (``dora=True``) adds ``dora_scale`` of shape ``[1, in, 1...]``: one magnitude per *input*
 channel. That is the axis on which ComfyUI's ``weight_decompose`` normalises the adapted weight
@@ -40,6 +44,24 @@ def low_rank_apply(spec: LayerSpec, x: torch.Tensor, up: torch.Tensor, down: tor
     return conv(conv(x, down, None, spec.stride, spec.padding, spec.dilation), up)
 
 
+def low_rank_add(spec: LayerSpec, base_out: torch.Tensor, x: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                 coefficient: float) -> torch.Tensor:
+    """``base_out + coefficient * (up @ down) x`` with the scale folded into the small ``up`` and the
+    addition fused into the up-projection (addmm / baddbmm): one full-size write instead of the
+    four of ``base_out + (up(down(x)) * scale) * strength``, forward and backward."""
+    rank = down.shape[0]
+    down = down.reshape(rank, spec.in_features, *spec.kernel_size).to(x.dtype)
+    up = (up.reshape(up.shape[0], rank) * coefficient).to(x.dtype)
+    if spec.kind == "linear":
+        h = torch.nn.functional.linear(x, down)
+        out = torch.addmm(base_out.reshape(-1, up.shape[0]), h.reshape(-1, rank), up.t())
+        return out.view(base_out.shape)
+    h = conv_fn(spec.conv_dims)(x, down, None, spec.stride, spec.padding, spec.dilation)
+    batch = h.shape[0]
+    out = torch.baddbmm(base_out.reshape(batch, up.shape[0], -1), up.expand(batch, *up.shape), h.reshape(batch, rank, -1))
+    return out.view(base_out.shape)
+
+
 class LoRAAdapter(Adapter):
     algorithm = "lora"
 
@@ -48,10 +70,10 @@ class LoRAAdapter(Adapter):
         super().__init__(spec)
         check_rank_and_groups(spec, rank, "LoRA")
         in_dim = spec.in_features
-        down = kaiming_uniform((rank, in_dim, *spec.kernel_size), in_dim * math.prod(spec.kernel_size), generator)
-        self.lora_down = torch.nn.Parameter(down.to(device=device, dtype=dtype))
-        up_shape = (spec.out_features, rank, *([1] * spec.conv_dims))
-        self.lora_up = torch.nn.Parameter(torch.zeros(up_shape, device=device, dtype=dtype))
+        down_shape = (rank, in_dim, *spec.kernel_size)
+        self.lora_down = torch.nn.Parameter(torch.zeros(down_shape, device=device, dtype=dtype))
+        up = kaiming_uniform((spec.out_features, rank, *([1] * spec.conv_dims)), rank, generator)
+        self.lora_up = torch.nn.Parameter(up.to(device=device, dtype=dtype))
         self.register_buffer("alpha", torch.tensor(float(alpha)), persistent=False)
         if dora:
             if spec.out_features == 1:  # ComfyUI would read a [1, in] magnitude as output-axis
@@ -154,7 +176,7 @@ class LoRAAdapter(Adapter):
     def bypass(self, x: torch.Tensor, base_out: torch.Tensor, module: torch.nn.Module,
                strength: float = 1.0) -> torch.Tensor:
         if not self.is_dora:
-            return base_out + self.forward_delta(x) * strength
+            return low_rank_add(self.spec, base_out, x, self.lora_up, self.lora_down, self.scale * strength)
         weight = module.weight.to(device=x.device, dtype=x.dtype)
         self._ensure_magnitude(weight)
         c = self._dora_column_scale(weight).to(x.dtype)

@@ -2,13 +2,15 @@
 
 ComfyUI's native trainer always trains these; here they are opt-in (most LoRA recipes leave them
 frozen, and they make files incompatible with strict kohya loaders). They are tiny 1-D tensors,
-so they are applied through ComfyUI's weight wrappers in both training modes.
+so they are applied through ComfyUI's weight wrappers, except that in bypass mode the bias offsets
+of Linear and Conv layers are added to the layer output (see ``output_biases``).
 """
 from __future__ import annotations
 
 import torch
 
 OFFSET_SUFFIXES = ("diff", "diff_b")
+WEIGHTED_LAYERS = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
 
 
 def _param_name(suffix: str) -> str:
@@ -57,9 +59,20 @@ class OffsetSet(torch.nn.Module):
             offsets[(layer, suffix)] = tensor.to(device=device, dtype=dtype).clone()
         return cls(offsets), rejected
 
-    def attach(self, model_patcher, prefix: str, strength: float = 1.0) -> None:
-        """Adds each offset to its parameter through ComfyUI weight wrappers."""
+    def output_biases(self, diffusion_model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The bias offsets of Linear and Conv layers, by layer: bypass mode adds these to the layer
+        output. Fed through the op's bias instead, they would make the convolution backward build a
+        full-size weight gradient too (its bias gradient comes with the weight gradient)."""
+        return {layer: value for (layer, suffix), value in self.items()
+                if suffix == "diff_b" and isinstance(diffusion_model.get_submodule(layer), WEIGHTED_LAYERS)}
+
+    def attach(self, model_patcher, prefix: str, strength: float = 1.0, skip: frozenset = frozenset()) -> None:
+        """Adds each offset to its parameter through ComfyUI weight wrappers; ``skip`` holds the
+        layers whose bias offset is applied on the output instead (see output_biases)."""
         for (layer, suffix), value in self.items():
+            if suffix == "diff_b" and layer in skip:
+                continue
+
             def wrapper(weight, value=value):
                 return weight + (value * strength).to(weight.dtype)
             model_patcher.add_weight_wrapper(f"{prefix}{layer}.{_param_name(suffix)}", wrapper)

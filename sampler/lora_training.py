@@ -200,7 +200,8 @@ def train_lora(model_patcher, latents, positive, request: LoraTrainingRequest,
                  network.trainable_parameter_count())
         attach(train_mp, network, request.bypass_mode)
         if request.gradient_checkpointing:
-            units = attach_checkpointing(train_mp, skip=set(network.names), depth=request.checkpoint_depth)
+            hooked = set(network.names) | set(network.offsets.output_biases(train_mp.model.diffusion_model))
+            units = attach_checkpointing(train_mp, skip=hooked, depth=request.checkpoint_depth)
             log.info("LoRA Lab: gradient checkpointing at depth %d (%d pieces)", request.checkpoint_depth, units)
         if request.offloading and not request.bypass_mode:
             raise ValueError("offloading needs bypass_mode: weight wrappers would rebuild every streamed weight")

@@ -21,7 +21,7 @@ def setup(sd15, motif_training_inputs):
     network = AdapterNetwork.create(select_targets(model.model.diffusion_model), "lora", 4, 4.0, seed=2)
     with torch.no_grad():
         for layer in network.layers:
-            layer.lora_up.normal_(0, 0.02)
+            layer.lora_down.normal_(0, 0.02)
     data = TrainingSet(model.model, latents[:2], positive[:2], model.load_device)
     x0, conds = data.buckets[0].select(torch.tensor([0, 1]))
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))

@@ -9,7 +9,7 @@ import comfy.model_management
 
 from loralab.adapters.files import load_adapter_file, save_adapter_file
 from loralab.adapters.network import AdapterNetwork
-from loralab.adapters.targets import select_targets
+from loralab.adapters.targets import DEFAULT_PRESET, select_targets
 from loralab.sampler import train_state
 from loralab.sampler.lora_training import ExistingAdapter, LoraTrainingRequest, attach, train_lora
 from loralab.sampler.objective import loss_function, model_loss, sample_sigmas
@@ -56,14 +56,22 @@ def test_continue_with_state_equals_one_uninterrupted_run(sd15, motif_training_i
     assert any(not torch.equal(p, c[n]) for n, p in _weights(start).items())  # it did train on
 
 
-def test_bypass_and_weight_wrappers_give_same_outputs_and_gradients(sd15, motif_training_inputs):
+@pytest.mark.parametrize("norm_bias", [False, True], ids=["adapters", "adapters+norm/bias offsets"])
+def test_bypass_and_weight_wrappers_give_same_outputs_and_gradients(sd15, motif_training_inputs, norm_bias):
+    """Bypass hooks and weight wrappers agree; with norm/bias offsets too, whose Linear/Conv bias
+    offsets bypass mode adds to the layer output instead of passing them through the op's bias."""
     model, _, _ = sd15
     latents, positive = motif_training_inputs
-    targets = select_targets(model.model.diffusion_model)
-    network = AdapterNetwork.create(targets, "lora", 4, 4.0, seed=1)
+    dm = model.model.diffusion_model
+    targets = select_targets(dm, "all linear+conv" if norm_bias else DEFAULT_PRESET)
+    network = AdapterNetwork.create(targets, "lora", 4, 4.0, seed=1, offsets_of=dm if norm_bias else None)
     with torch.no_grad():
         for layer in network.layers:
-            layer.lora_up.normal_(0, 0.02)
+            layer.lora_down.normal_(0, 0.02)
+        for _, value in network.offsets.items():
+            value.normal_(0, 0.02)
+    assert (len(network.offsets) > 0) == norm_bias
+    assert (len(network.offsets.output_biases(dm)) > 0) == norm_bias
     data = TrainingSet(model.model, latents[:2], positive[:2], model.load_device)
     x0, conds = data.buckets[0].select(torch.tensor([0, 1]))
     g = torch.Generator().manual_seed(0)

@@ -38,7 +38,7 @@ def test_accumulating_k_single_images_equals_one_batch_of_k(sd15, motif_training
         network = AdapterNetwork.create(select_targets(model.model.diffusion_model), "lora", 4, 4.0, seed=5)
         with torch.no_grad():
             for layer in network.layers:
-                layer.lora_up.normal_(0, 0.02, generator=torch.Generator().manual_seed(6))
+                layer.lora_down.normal_(0, 0.02, generator=torch.Generator().manual_seed(6))
         network.requires_grad_(True)
         initial = {n: p.detach().clone() for n, p in network.named_trainables()}
         patcher = model.clone()
@@ -68,5 +68,5 @@ def test_16bit_compute_keeps_fp32_master_weights(sd15, motif_training_inputs, dt
     assert all(math.isfinite(loss) for loss in result.losses)
     params = dict(result.network.named_trainables())
     assert all(p.dtype == torch.float32 for p in params.values())
-    assert any(p.abs().sum() > 0 for n, p in params.items() if n.endswith("lora_up"))  # it trained
+    assert any(p.abs().sum() > 0 for n, p in params.items() if n.endswith("lora_down"))  # it trained (down starts at zero)
     assert result.lora.metadata["ss_mixed_precision"] == dtype

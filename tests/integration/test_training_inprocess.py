@@ -31,7 +31,7 @@ def test_fresh_lora_reproduces_the_base_model_exactly(sd15, motif_training_input
     # ...and a non-zero adapter does change it, so the comparison above is meaningful.
     with torch.no_grad():
         for layer in network.layers:
-            layer.lora_up.normal_(0, 0.05)
+            layer.lora_down.normal_(0, 0.05)
     assert heldout_loss(fresh, data, pairs) != base
     assert heldout_loss(model, data, pairs) == base  # base patcher unaffected after the switch
 

@@ -9,10 +9,10 @@ from loralab.adapters.targets import Target
 
 
 def _trained(adapter: LoRAAdapter, seed=1) -> LoRAAdapter:
-    """Give ``up`` non-zero values, as after some training."""
+    """Give ``down`` (zero when fresh) non-zero values, as after some training."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        adapter.lora_up.copy_(torch.randn(adapter.lora_up.shape, generator=g) * 0.1)
+        adapter.lora_down.copy_(torch.randn(adapter.lora_down.shape, generator=g) * 0.1)
     return adapter
 
 
@@ -22,7 +22,8 @@ def test_fresh_adapter_is_an_exact_noop():
     x = torch.randn(3, 16)
     assert torch.equal(adapter.forward_delta(x), torch.zeros(3, 12))
     assert torch.equal(adapter.delta_weight(), torch.zeros(12, 16))
-    assert adapter.lora_down.abs().sum() > 0  # the other factor is random so gradients flow
+    assert torch.equal(adapter.lora_down, torch.zeros(4, 16))
+    assert adapter.lora_up.abs().sum() > 0  # the other factor is random so gradients flow
 
 
 def test_linear_delta_matches_reference_formula():
@@ -63,7 +64,7 @@ def test_network_state_dict_roundtrip_uses_comfy_keys():
 
 def test_create_is_deterministic_in_seed():
     layer = torch.nn.Linear(6, 6)
-    make = lambda seed: AdapterNetwork.create([Target("l", layer)], "lora", 2, 1.0, seed=seed).layers[0].lora_down
+    make = lambda seed: AdapterNetwork.create([Target("l", layer)], "lora", 2, 1.0, seed=seed).layers[0].lora_up
     assert torch.equal(make(5), make(5))
     assert not torch.equal(make(5), make(6))
 

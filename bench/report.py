@@ -153,6 +153,48 @@ def _depth_table(depth: list[dict]) -> list[str]:
                    "process peak RSS"], rows)
 
 
+# The issue's targets: (label, arm, figure, how it compares, threshold).
+TARGETS = [
+    ("speed vs native at equal settings (fp32)", "fp32", "speed", ">=", 2.5),
+    ("training memory vs native at equal settings", "fp32", "memory", "<=", 0.7),
+    ("speed vs native, each node at its own defaults", "defaults", "speed", ">=", 20.0),
+    ("held-out loss after equal steps vs native's (lower is better)", "fp32", "eval", "<=", 1.0),
+    ("share of the matmul peak (aim)", "fp32", "roofline", ">=", 0.5),
+]
+
+
+def _figure(arms: dict, arm: str, figure: str):
+    s, native = arms.get(arm), arms.get("native")
+    if not s or not native:
+        return None
+    if figure == "speed":
+        return s.get("speedup_vs_native")
+    if figure == "memory":
+        return s["train_mem_mib"] / native["train_mem_mib"] if native.get("train_mem_mib") else None
+    if figure == "roofline":
+        return s.get("fraction_of_peak")
+    e, n = s.get("eval"), native.get("eval")
+    return e["trained"] / n["trained"] if e and n and n["trained"] else None
+
+
+def _targets_table(summary: dict) -> list[str]:
+    """Each target against each LoRA Lab arm, computed from the measurements above."""
+    rows = []
+    for label, part, figure, op, threshold in TARGETS:
+        arms = summary.get(part) or {}
+        for arm in arms:
+            if arm == "native":
+                continue
+            value = _figure(arms, arm, figure)
+            if value is None:
+                continue
+            met = value >= threshold if op == ">=" else value <= threshold
+            shown = f"{value:.1%}" if figure == "roofline" else f"{value:.2f}x"
+            goal = f"{threshold:.0%}" if figure == "roofline" else f"{threshold:g}x"
+            rows.append([label, ARM_LABELS.get(arm, arm), shown, f"{op} {goal}", "met" if met else "**not met**"])
+    return _table(["target", "LoRA Lab arm", "measured", "target", ""], rows)
+
+
 def markdown(results: dict, summary: dict) -> str:
     m, plan, peak = results["machine"], results["plan"], results["peak"]
     fp32 = summary["fp32"]
@@ -194,6 +236,7 @@ def markdown(results: dict, summary: dict) -> str:
                   *_depth_table(summary["depth"]), "",
                   "Depth 1 checkpoints whole blocks (fewest stored activations); each deeper level checkpoints "
                   "smaller pieces, so fewer activations are recomputed per piece but more piece boundaries are kept."]
+    lines += ["", "## Targets", "", *_targets_table(summary)]
     lines += ["", "## How each figure is measured", "", *NOTES]
     return "\n".join(lines) + "\n"
 

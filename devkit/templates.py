@@ -24,6 +24,7 @@ from .ui_workflow import UINode, UIWorkflow
 TEMPLATE_DIR = PACK_DIR / "example_workflows"
 TRIGGER = "a photo of lrlb motif"
 SIZE = 128  # the tiny model's training and sampling size; 512 for SD1.5, 1024 for SDXL
+LIVE_CHART_HEIGHT, LIVE_SAMPLES_HEIGHT = 210, 170  # the Train LoRA node's live widget (js/loralab_train.js)
 
 LOAD_COLOR, TRAIN_COLOR, SAVE_COLOR, CHECK_COLOR = "#3f789e", "#8A8", "#b58b2a", "#a1309b"
 
@@ -57,7 +58,10 @@ def _dataset(wf: UIWorkflow, x: float, y: float) -> tuple[UINode, UINode, UINode
 
 
 def _train(wf: UIWorkflow, pos, ckpt: UINode, images: UINode, encode: UINode, captions: UINode, **widgets) -> UINode:
-    train = wf.add("LoraLab_TrainLora", pos, "Train LoRA", widgets, width=360)
+    # Room for the live chart, and for the preview strip when the template makes previews
+    # (js/loralab_train.js: CHART_HEIGHT, SAMPLE_HEIGHT), so the node never grows out of its group.
+    live = LIVE_CHART_HEIGHT + (LIVE_SAMPLES_HEIGHT if widgets.get("sample_every") else 0)
+    train = wf.add("LoraLab_TrainLora", pos, "Train LoRA", widgets, width=360, extra_height=live)
     wf.connect(ckpt, "MODEL", train, "model")
     wf.connect(encode, "LATENT", train, "latents")
     wf.connect(captions, "CONDITIONING", train, "positive")
@@ -78,7 +82,7 @@ def _save(wf: UIWorkflow, x: float, y: float, train: UINode, prefix: str, loss_p
 
 def _prompts(wf: UIWorkflow, x: float, y: float, ckpt: UINode, prompt_title: str = "Prompt") -> tuple[UINode, UINode]:
     positive = wf.add("CLIPTextEncode", (x, y), prompt_title, {"text": TRIGGER}, width=340)
-    negative = wf.add("CLIPTextEncode", (x, y + 130), "Negative prompt", {"text": ""}, width=340)
+    negative = wf.add("CLIPTextEncode", (x, wf.below(positive)), "Negative prompt", {"text": ""}, width=340)
     wf.connect(ckpt, "CLIP", positive, "clip")
     wf.connect(ckpt, "CLIP", negative, "clip")
     return positive, negative
@@ -89,13 +93,13 @@ def basic_lora(object_info: dict) -> dict:
     wf = UIWorkflow(object_info, "6f1c2a52-8f7e-4a7e-9a51-10ad0000b001")
     ckpt, images, encode, captions = _dataset(wf, 20, 60)
     train = _train(wf, (700, 60), ckpt, images, encode, captions, steps=30, learning_rate=0.0005, rank=8, alpha=8.0)
-    wf.group("2. Train (watch the loss chart in the node)", [train], TRAIN_COLOR)
+    wf.group("2. Train (live loss chart in the node)", [train], TRAIN_COLOR)
     _save(wf, 1120, 60, train, "loras/loralab_demo", "loralab_loss")
     apply = wf.add("LoraLab_LoadLoraModel", (1620, 60), "Apply LoRA", {"strength_model": 1.0})
     wf.connect(ckpt, "MODEL", apply, "model")
     wf.connect(train, "lora", apply, "lora")
     positive, negative = _prompts(wf, 1620, 200, ckpt)
-    latent = wf.add("EmptyLatentImage", (1620, 470), "Image size", {"width": SIZE, "height": SIZE, "batch_size": 1},
+    latent = wf.add("EmptyLatentImage", (1620, wf.below(negative)), "Image size", {"width": SIZE, "height": SIZE, "batch_size": 1},
                     width=340)
     sampler = wf.add("KSampler", (2000, 60), "Sample with the LoRA", {"seed": 0, "steps": 20, "cfg": 5.0,
                      "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0})
@@ -131,7 +135,7 @@ def continue_training(object_info: dict) -> dict:
     ckpt, images, encode, captions = _dataset(wf, 20, 60)
     train = _train(wf, (700, 60), ckpt, images, encode, captions, steps=24, learning_rate=0.0005, rank=8,
                    alpha=8.0, existing_lora=EXAMPLE_LORA_FILENAME)
-    wf.group("2. Continue training the LoRA picked in existing_lora", [train], TRAIN_COLOR)
+    wf.group("2. Continue the existing_lora", [train], TRAIN_COLOR)
     _save(wf, 1120, 60, train, "loras/loralab_continued", "loralab_continued_loss")
     wf.note(f"""## Continue training a saved LoRA
 
@@ -164,7 +168,7 @@ def lokr_previews(object_info: dict) -> dict:
                    sample_width=SIZE, sample_height=SIZE, sample_steps=12)
     wf.connect(preview, "CONDITIONING", train, "sample_positive")
     wf.connect(ckpt, "VAE", train, "sample_vae")
-    wf.group("2. Train LoKr; a preview image every sample_every steps", [train], TRAIN_COLOR)
+    wf.group("2. Train LoKr, with previews", [train], TRAIN_COLOR)
     _save(wf, 1120, 60, train, "loras/loralab_lokr", "loralab_lokr_loss")
     wf.note(f"""## LoKr with preview images
 
@@ -191,9 +195,9 @@ def compare_base_and_lora(object_info: dict) -> dict:
     wf.group("2. Train", [train], TRAIN_COLOR)
     _save(wf, 1120, 60, train, "loras/loralab_compare", "loralab_compare_loss")
     positive, negative = _prompts(wf, 1620, 60, ckpt, "Prompt (both images)")
-    latent = wf.add("EmptyLatentImage", (1620, 330), "Image size", {"width": SIZE, "height": SIZE, "batch_size": 1},
+    latent = wf.add("EmptyLatentImage", (1620, wf.below(negative)), "Image size", {"width": SIZE, "height": SIZE, "batch_size": 1},
                     width=340)
-    seed = wf.add("PrimitiveInt", (1620, 480), "Seed (both images)", {"value": 42}, width=340)
+    seed = wf.add("PrimitiveInt", (1620, wf.below(latent)), "Seed (both images)", {"value": 42}, width=340)
     samplers = []
     for i, (source, output, title) in enumerate(((ckpt, "MODEL", "Base model"), (train, "model", "With the LoRA"))):
         sampler = wf.add("KSampler", (2000, 60 + 330 * i), title, {"seed": 42, "steps": 20, "cfg": 5.0,

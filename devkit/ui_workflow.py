@@ -14,8 +14,9 @@ from .workflow_api import _has_control_widget, _is_widget, _ordered_inputs
 # Drawing constants of the frontend's LiteGraph canvas, to give nodes a size that fits their widgets.
 TITLE_HEIGHT = 30
 ROW_HEIGHT = 24
+MULTILINE_ROWS = 3  # a multiline text box (a prompt) is drawn at least this many rows tall
 GROUP_PADDING = 20
-GROUP_TITLE = 40
+GROUP_TITLE = 40  # a group's title bar (font 24: 34 px) and a gap, above the title bars of its nodes
 NOTE_COLOR, NOTE_BGCOLOR = "#432", "#653"
 
 
@@ -44,6 +45,10 @@ class UINode:
         return data
 
 
+def _is_multiline(spec) -> bool:
+    return len(spec) > 1 and isinstance(spec[1], dict) and bool(spec[1].get("multiline"))
+
+
 class UIWorkflow:
     """A workflow under construction against one server's /object_info."""
 
@@ -55,7 +60,7 @@ class UIWorkflow:
         self.groups: list[dict] = []
 
     def add(self, node_type: str, pos: tuple[float, float], title: str | None = None, widgets: dict | None = None,
-            width: float = 320) -> UINode:
+            width: float = 320, extra_height: float = 0) -> UINode:
         """A node with the given widget values (by input name; a seed's "control after generate"
         mode as ``<name>_control``); widgets not named keep their defaults."""
         widgets = widgets or {}
@@ -81,12 +86,18 @@ class UIWorkflow:
         for out, is_list in zip(outputs, info.get("output_is_list") or []):
             if is_list:
                 out["shape"] = 6  # the frontend's list-output marker
-        rows = max(len(sockets), len(outputs))
-        height = TITLE_HEIGHT + ROW_HEIGHT * (rows + len(values)) + 10
+        rows = max(len(sockets), len(outputs)) + len(values)
+        rows += sum(MULTILINE_ROWS - 1 for _, spec in ordered if _is_widget(spec) and _is_multiline(spec))
+        height = ROW_HEIGHT * rows + 10 + extra_height  # the title bar is drawn above pos
         node = UINode(len(self.nodes) + 1, node_type, pos, (width, height), values, sockets, outputs, title,
                       properties={"Node name for S&R": node_type})
         self.nodes.append(node)
         return node
+
+    @staticmethod
+    def below(node: UINode, gap: float = 14) -> float:
+        """The y of a node placed under ``node``, leaving room for its own title bar."""
+        return node.pos[1] + node.size[1] + TITLE_HEIGHT + gap
 
     def note(self, text: str, pos: tuple[float, float], size: tuple[float, float]) -> UINode:
         """A MarkdownNote: a frontend-only node that shows formatted text on the canvas."""
@@ -117,7 +128,7 @@ class UIWorkflow:
     def group(self, title: str, nodes: list[UINode], color: str) -> None:
         """A coloured frame around ``nodes`` (the frontend moves them together)."""
         left = min(n.pos[0] for n in nodes) - GROUP_PADDING
-        top = min(n.pos[1] for n in nodes) - GROUP_TITLE
+        top = min(n.pos[1] for n in nodes) - TITLE_HEIGHT - GROUP_TITLE  # a node's title is drawn above its pos
         right = max(n.pos[0] + n.size[0] for n in nodes) + GROUP_PADDING
         bottom = max(n.pos[1] + n.size[1] for n in nodes) + GROUP_PADDING
         self.groups.append({"id": len(self.groups) + 1, "title": title, "bounding": [left, top, right - left, bottom - top],

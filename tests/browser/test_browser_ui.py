@@ -8,6 +8,7 @@ LORALAB_UPDATE_SCREENSHOT=1 also copies the mid-run one to docs/screenshots/live
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -216,4 +217,45 @@ def test_template_trains_with_live_chart(ui, browser_server, screenshot):
     assert [p.name.startswith(f"{lora_prefix}_") for p in new_loras] == [True], new_loras
     with safe_open(str(new_loras[0]), "pt") as f:
         assert any("lora" in key for key in f.keys())
+    assert not ui.problems, "\n".join(ui.problems)
+
+
+# Every node's box (title bar included) and every group's title bar, as the frontend lays them out
+# once the workflow is loaded (nodes with DOM widgets may grow to their minimum size); returns
+# what overlaps.
+LAYOUT_PROBLEMS = """async (workflow) => {
+  await app.loadGraphData(workflow);
+  for (let i = 0; i < 5; i++) await new Promise((r) => requestAnimationFrame(r));
+  const T = LiteGraph.NODE_TITLE_HEIGHT, problems = [];
+  const nodes = app.graph.nodes.map((n) => ({ name: `${n.title || n.type} (#${n.id})`,
+      x: n.pos[0], y: n.pos[1] - T, w: n.size[0], h: n.size[1] + T }));
+  const groups = app.graph.groups.map((g) => ({ name: `group '${g.title}'`, x: g.pos[0], y: g.pos[1],
+      w: g.size[0], h: g.size[1], title: g.titleHeight }));
+  const overlap = (a, b) => a.x < b.x + b.w && b.x < a.x + a.w && a.y < b.y + b.h && b.y < a.y + a.h;
+  const inside = (a, b) => a.x >= b.x && a.y >= b.y && a.x + a.w <= b.x + b.w && a.y + a.h <= b.y + b.h;
+  nodes.forEach((a, i) => nodes.slice(i + 1).forEach((b) => { if (overlap(a, b)) problems.push(`${a.name} overlaps ${b.name}`); }));
+  groups.forEach((g, i) => {
+    groups.slice(i + 1).forEach((h) => { if (overlap(g, h)) problems.push(`${g.name} overlaps ${h.name}`); });
+    const titleBar = { x: g.x, y: g.y, w: g.w, h: g.title };
+    for (const n of nodes) {
+      if (overlap(n, titleBar)) problems.push(`${n.name} covers the title of ${g.name}`);
+      else if (overlap(n, g) && !inside(n, g)) problems.push(`${n.name} sticks out of ${g.name}`);
+    }
+  });
+  return problems;
+}"""
+
+
+def test_templates_lay_out_without_overlaps(ui, browser_server):
+    """Each template as the frontend draws it: no node covers another node or a group title, and
+    every node in a group fits inside it (the Train LoRA node with its live chart included)."""
+    listed = browser_server.get_json("/workflow_templates")[PACK_LINK_NAME]
+    assert len(listed) >= 4
+    problems = {}
+    for name in listed:
+        workflow = browser_server.get_json(f"/api/workflow_templates/{PACK_LINK_NAME}/{name}.json")
+        found = ui.page.evaluate(LAYOUT_PROBLEMS, workflow)
+        if found:
+            problems[name] = found
+    assert not problems, json.dumps(problems, indent=1)
     assert not ui.problems, "\n".join(ui.problems)

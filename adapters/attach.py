@@ -32,11 +32,18 @@ def _hooked_forward(module: torch.nn.Module, adapter, output_bias: torch.Tensor 
     return forward
 
 
+def hooked_layers(network: AdapterNetwork, diffusion_model: torch.nn.Module) -> list[str]:
+    """The layers whose forward bypass mode replaces: every adapter's, and every Linear/Conv layer
+    with a bias offset (added to its output)."""
+    biases = network.offsets.output_biases(diffusion_model)
+    return list(dict.fromkeys([name for name, _ in network.items()] + list(biases)))
+
+
 def attach_bypass(model_patcher, network: AdapterNetwork, strength: float = 1.0) -> None:
     """Registers forward hooks for every adapter (and every Linear/Conv bias offset); they are live
     while the patcher is loaded."""
     biases = network.offsets.output_biases(model_patcher.model.diffusion_model)
-    layers = list(dict.fromkeys([name for name, _ in network.items()] + list(biases)))
+    layers = hooked_layers(network, model_patcher.model.diffusion_model)
     adapters = dict(network.items())
 
     def inject(mp):

@@ -93,7 +93,7 @@ def basic_lora(object_info: dict) -> dict:
     wf = UIWorkflow(object_info, "6f1c2a52-8f7e-4a7e-9a51-10ad0000b001")
     ckpt, images, encode, captions = _dataset(wf, 20, 60)
     train = _train(wf, (700, 60), ckpt, images, encode, captions, steps=30, learning_rate=0.0005, rank=8, alpha=8.0)
-    wf.group("2. Train (live loss chart in the node)", [train], TRAIN_COLOR)
+    wf.group("2. Train (watch the loss)", [train], TRAIN_COLOR)
     _save(wf, 1120, 60, train, "loras/loralab_demo", "loralab_loss")
     apply = wf.add("LoraLab_LoadLoraModel", (1620, 60), "Apply LoRA", {"strength_model": 1.0})
     wf.connect(ckpt, "MODEL", apply, "model")

@@ -128,8 +128,15 @@ def test_node_search_finds_lora_lab_nodes(ui, browser_server, screenshot):
     train_name = info[TRAIN_NODE]["display_name"]
     assert train_name in ours
 
-    point = page.evaluate(EMPTY_CANVAS_POINT)
-    assert point, "found no empty spot on the canvas to double-click"
+    # Right after start-up a panel or dialog may still cover the canvas: close it (Escape) and
+    # wait until a spot is free.
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    page.keyboard.press("Escape")
+    try:
+        point = page.wait_for_function(EMPTY_CANVAS_POINT, timeout=60_000).json_value()
+    except PlaywrightTimeout:
+        shot = screenshot(page, "00_no_empty_canvas")
+        raise AssertionError(f"found no empty spot on the canvas to double-click (page: {shot})") from None
     page.mouse.dblclick(*point)
     search = page.locator(".comfy-vue-node-search-box input")
     search.wait_for(state="visible")

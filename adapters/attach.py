@@ -19,46 +19,48 @@ BYPASS_KEY = "loralab_bypass"
 
 def _hooked_forward(module: torch.nn.Module, adapter, output_bias: torch.Tensor | None, strength: float):
     base_forward = type(module).forward
+    linear = isinstance(module, torch.nn.Linear)  # bias on the last axis; a conv's on axis 1
 
     def forward(x, *args, **kwargs):
         out = base_forward(module, x, *args, **kwargs)
         if adapter is not None:
             out = adapter.bypass(x, out, module, strength)
         if output_bias is not None:
-            shape = (-1,) if isinstance(module, torch.nn.Linear) else (-1, *([1] * (out.ndim - 2)))
+            shape = (-1,) if linear else (-1, *([1] * (out.ndim - 2)))
             out = out + (output_bias * strength).to(out.dtype).view(shape)
         return out
 
     return forward
 
 
-def hooked_layers(network: AdapterNetwork, diffusion_model: torch.nn.Module) -> list[str]:
-    """The layers whose forward bypass mode replaces: every adapter's, and every Linear/Conv layer
-    with a bias offset (added to its output)."""
+def bypass_hooks(network: AdapterNetwork, diffusion_model: torch.nn.Module) -> dict[str, tuple]:
+    """(adapter or None, output bias offset or None) by layer, for every layer whose forward bypass
+    mode replaces: each adapter's, and each Linear/Conv layer with a bias offset."""
     biases = network.offsets.output_biases(diffusion_model)
-    return list(dict.fromkeys([name for name, _ in network.items()] + list(biases)))
+    hooks = {name: (adapter, biases.get(name)) for name, adapter in network.items()}
+    hooks.update({name: (None, bias) for name, bias in biases.items() if name not in hooks})
+    return hooks
 
 
 def attach_bypass(model_patcher, network: AdapterNetwork, strength: float = 1.0) -> None:
     """Registers forward hooks for every adapter (and every Linear/Conv bias offset); they are live
     while the patcher is loaded."""
-    biases = network.offsets.output_biases(model_patcher.model.diffusion_model)
-    layers = hooked_layers(network, model_patcher.model.diffusion_model)
-    adapters = dict(network.items())
+    hooks = bypass_hooks(network, model_patcher.model.diffusion_model)
 
     def inject(mp):
         diffusion_model = mp.model.diffusion_model
-        for name in layers:
+        for name, (adapter, bias) in hooks.items():
             module = diffusion_model.get_submodule(name)
-            module.forward = _hooked_forward(module, adapters.get(name), biases.get(name), strength)
+            module.forward = _hooked_forward(module, adapter, bias, strength)
 
     def eject(mp):
         diffusion_model = mp.model.diffusion_model
-        for name in layers:
+        for name in hooks:
             diffusion_model.get_submodule(name).__dict__.pop("forward", None)
 
     model_patcher.set_injections(BYPASS_KEY, [PatcherInjection(inject=inject, eject=eject)])
-    network.offsets.attach(model_patcher, COMFY_PREFIX, strength, skip=frozenset(biases))
+    on_output = frozenset(name for name, (_, bias) in hooks.items() if bias is not None)
+    network.offsets.attach(model_patcher, COMFY_PREFIX, strength, skip=on_output)
 
 
 def attach_weight_wrappers(model_patcher, network: AdapterNetwork, strength: float = 1.0) -> None:

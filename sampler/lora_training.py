@@ -16,7 +16,7 @@ import torch
 
 import comfy.model_management
 
-from ..adapters.attach import attach_bypass, attach_weight_wrappers, hooked_layers
+from ..adapters.attach import attach_bypass, attach_weight_wrappers, bypass_hooks
 from ..adapters.keys import kohya_layer_names, to_comfy_keys
 from ..adapters.metadata import LoraStateDict, base_model_name, steps_from_metadata, training_metadata
 from ..adapters.network import AdapterNetwork
@@ -200,8 +200,8 @@ def train_lora(model_patcher, latents, positive, request: LoraTrainingRequest,
                  network.trainable_parameter_count())
         attach(train_mp, network, request.bypass_mode)
         if request.gradient_checkpointing:
-            hooked = hooked_layers(network, train_mp.model.diffusion_model)
-            units = attach_checkpointing(train_mp, skip=set(hooked), depth=request.checkpoint_depth)
+            hooked = set(bypass_hooks(network, train_mp.model.diffusion_model))
+            units = attach_checkpointing(train_mp, skip=hooked, depth=request.checkpoint_depth)
             log.info("LoRA Lab: gradient checkpointing at depth %d (%d pieces)", request.checkpoint_depth, units)
         if request.offloading and not request.bypass_mode:
             raise ValueError("offloading needs bypass_mode: weight wrappers would rebuild every streamed weight")

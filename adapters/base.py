@@ -93,6 +93,13 @@ class Adapter(torch.nn.Module):
         super().__init__()
         self.spec = spec
 
+    def set_alpha(self, value: float) -> None:
+        """Stores alpha twice: as a buffer, which the saved file carries, and as a Python float,
+        which the forward reads. Reading the buffer there (``float(tensor)``) would copy it back
+        from the device, a GPU sync in every adapted layer's every forward."""
+        self.alpha_value = float(value)
+        self.register_buffer("alpha", torch.tensor(self.alpha_value), persistent=False)
+
     @classmethod
     def create(cls, spec: LayerSpec, rank: int, alpha: float, *, dtype=torch.float32, device=None,
                generator: torch.Generator | None = None, **options) -> "Adapter":

@@ -54,7 +54,7 @@ class BOFTAdapter(Adapter):
         else:
             self.register_parameter("rescale", None)
         # ``alpha`` (the create() argument) is unused: in BOFT files alpha *is* the constraint
-        self.register_buffer("alpha", torch.tensor(float(constraint)), persistent=False)
+        self.set_alpha(float(constraint))
 
     @classmethod
     def from_state_dict(cls, spec: LayerSpec, tensors: dict[str, torch.Tensor], *, dtype=torch.float32,
@@ -80,7 +80,7 @@ class BOFTAdapter(Adapter):
         """rescale * M_s t - t for dim 0 of ``t`` (weight rows, or output channels)."""
         stages, blocks, size, _ = self.oft_blocks.shape
         eye = torch.eye(size, device=t.device, dtype=torch.float32)
-        rots = cayley(self.oft_blocks, float(self.alpha)).to(t.device)
+        rots = cayley(self.oft_blocks, self.alpha_value).to(t.device)
         mixes = (eye + strength * (rots - eye)).to(t.dtype)  # == s R + (1 - s) I, exact I at init
         out = t
         for i in range(stages):

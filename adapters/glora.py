@@ -42,7 +42,7 @@ class GLoRAAdapter(Adapter):
         }
         for name, value in inits.items():
             setattr(self, name, torch.nn.Parameter(value.to(device=device, dtype=dtype)))
-        self.register_buffer("alpha", torch.tensor(float(alpha)), persistent=False)
+        self.set_alpha(float(alpha))
 
     @classmethod
     def from_state_dict(cls, spec: LayerSpec, tensors: dict[str, torch.Tensor], *, dtype=torch.float32,
@@ -64,7 +64,7 @@ class GLoRAAdapter(Adapter):
 
     @property
     def scale(self) -> float:
-        return float(self.alpha) / self.rank
+        return self.alpha_value / self.rank
 
     def _weight_a1(self, weight: torch.Tensor) -> torch.Tensor:
         """W a1: the base weight's input channels mapped through a1, [out, r(, k, k)]."""

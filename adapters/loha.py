@@ -36,7 +36,7 @@ class LoHaAdapter(Adapter):
         }
         for name, value in inits.items():
             setattr(self, name, torch.nn.Parameter(value.to(device=device, dtype=dtype)))
-        self.register_buffer("alpha", torch.tensor(float(alpha)), persistent=False)
+        self.set_alpha(float(alpha))
 
     @classmethod
     def from_state_dict(cls, spec: LayerSpec, tensors: dict[str, torch.Tensor], *, dtype=torch.float32,
@@ -58,7 +58,7 @@ class LoHaAdapter(Adapter):
 
     @property
     def scale(self) -> float:
-        return float(self.alpha) / self.rank
+        return self.alpha_value / self.rank
 
     def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         diff = (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b)

@@ -73,7 +73,7 @@ class LoKrAdapter(Adapter):
         for name, value in params.items():
             setattr(self, name, torch.nn.Parameter(value.to(device=device, dtype=dtype)))
         alpha = float(alpha) if (r1 or r2) else float(rank)
-        self.register_buffer("alpha", torch.tensor(alpha), persistent=False)
+        self.set_alpha(alpha)
 
     @classmethod
     def from_state_dict(cls, spec: LayerSpec, tensors: dict[str, torch.Tensor], *, dtype=torch.float32,
@@ -106,7 +106,7 @@ class LoKrAdapter(Adapter):
     def scale(self) -> float:
         r1, r2 = self.shapes[4:]
         low = r2 or r1
-        return float(self.alpha) / low if low else 1.0
+        return self.alpha_value / low if low else 1.0
 
     def w1(self) -> torch.Tensor:
         return self.lokr_w1 if self.shapes[4] is None else self.lokr_w1_a @ self.lokr_w1_b

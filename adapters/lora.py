@@ -74,7 +74,7 @@ class LoRAAdapter(Adapter):
         self.lora_down = torch.nn.Parameter(torch.zeros(down_shape, device=device, dtype=dtype))
         up = kaiming_uniform((spec.out_features, rank, *([1] * spec.conv_dims)), rank, generator)
         self.lora_up = torch.nn.Parameter(up.to(device=device, dtype=dtype))
-        self.register_buffer("alpha", torch.tensor(float(alpha)), persistent=False)
+        self.set_alpha(float(alpha))
         if dora:
             if spec.out_features == 1:  # ComfyUI would read a [1, in] magnitude as output-axis
                 raise ValueError("DoRA needs a layer with more than one output feature")
@@ -120,7 +120,7 @@ class LoRAAdapter(Adapter):
 
     @property
     def scale(self) -> float:
-        return float(self.alpha) / self.rank
+        return self.alpha_value / self.rank
 
     @property
     def is_dora(self) -> bool:

@@ -68,7 +68,7 @@ class OFTAdapter(Adapter):
                              f"block_size {block_size}); 1x1 blocks cannot rotate anything")
         self.oft_blocks = torch.nn.Parameter(torch.zeros(out // size, size, size, device=device, dtype=dtype))
         # ``alpha`` (the create() argument) is unused: in OFT files alpha *is* the constraint
-        self.register_buffer("alpha", torch.tensor(float(constraint)), persistent=False)
+        self.set_alpha(float(constraint))
 
     @classmethod
     def from_state_dict(cls, spec: LayerSpec, tensors: dict[str, torch.Tensor], *, dtype=torch.float32,
@@ -91,7 +91,7 @@ class OFTAdapter(Adapter):
         """(R^T - I) applied blockwise to dim 0 of ``t`` (weight rows, or output channels)."""
         n, size, _ = self.oft_blocks.shape
         eye = torch.eye(size, device=t.device, dtype=torch.float32)
-        mix = (cayley(self.oft_blocks, float(self.alpha)).to(t.device) - eye).to(t.dtype)
+        mix = (cayley(self.oft_blocks, self.alpha_value).to(t.device) - eye).to(t.dtype)
         return torch.einsum("knm,kn...->km...", mix, t.unflatten(0, (n, size))).flatten(0, 1)
 
     def merged_weight(self, base_weight: torch.Tensor, strength: float = 1.0) -> torch.Tensor:

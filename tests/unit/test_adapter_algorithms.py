@@ -329,3 +329,28 @@ def test_registry_options_are_accepted_and_network_round_trips():
             assert b.algorithm == a.algorithm
             with torch.no_grad():
                 torch.testing.assert_close(b.merged_weight(module.weight), a.merged_weight(module.weight))
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that copy a tensor's value back to the host (``float(t)``, ``t.item()``):
+    on a GPU each is a sync that stalls the whole step."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("case,layer_name", ALL)
+def test_bypass_forward_and_backward_read_nothing_back_to_the_host(case, layer_name):
+    layer, adapter = _trained(case, layer_name)
+    x = _input(layer, seed=1)
+    adapter.bypass(x, layer(x), layer, 1.0)  # a first call may set itself up once
+    with _HostReads() as reads:
+        out = adapter.bypass(x, layer(x), layer, 0.5)
+        out.square().sum().backward()
+    assert reads.count == 0

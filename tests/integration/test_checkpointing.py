@@ -1,5 +1,8 @@
-"""Gradient checkpointing at every depth computes the same adapter gradients as none at all."""
+"""Gradient checkpointing at every depth computes the same adapter gradients as none at all, and
+checkpoints only pieces whose recompute buys memory."""
 from __future__ import annotations
+
+from collections import Counter
 
 import pytest
 import torch
@@ -52,7 +55,7 @@ def test_every_depth_matches_no_checkpointing(setup):
         counts.append(count)
         for name in reference:
             torch.testing.assert_close(grads[name], reference[name], rtol=1e-5, atol=1e-7)
-    assert counts[0] > 0 and counts == sorted(counts) and counts[1] > counts[0]  # deeper = finer pieces
+    assert counts[0] > 0 and counts == sorted(counts) and counts[-1] > counts[0]  # deeper = finer pieces
 
 
 def test_depth_out_of_range_is_refused(setup):
@@ -65,3 +68,50 @@ def test_units_never_include_adapter_targets(setup):
     model, network, _ = setup
     for depth in range(1, 6):
         assert not set(checkpoint_units(model.model.diffusion_model, set(network.names), depth=depth)) & set(network.names)
+
+
+def test_single_layers_are_never_units(setup):
+    model, network, _ = setup
+    dm = model.model.diffusion_model
+    for depth in range(1, 6):
+        names = checkpoint_units(dm, set(network.names), depth=depth)
+        assert names and all(any(True for _ in dm.get_submodule(n).children()) for n in names)
+        assert not {"input_blocks.0.0", "out.2", "time_embed.0"} & set(names)
+
+
+def test_the_unit_that_runs_last_is_not_recomputed_from_the_second_forward_on(setup):
+    model, network, batch = setup
+    _, reference = _grads(model, network, batch, 0)
+    dm = model.model.diffusion_model
+    names = checkpoint_units(dm, set(network.names), depth=1)
+    calls = Counter()
+
+    def counting(name, forward):
+        def run(*args, **kwargs):
+            calls[name] += 1
+            return forward(*args, **kwargs)
+        return run
+
+    for name in names:  # under the checkpoint wrapper, so recomputes are counted too
+        dm.get_submodule(name).forward = counting(name, dm.get_submodule(name).forward)
+    patcher = model.clone()
+    attach(patcher, network, bypass=True)
+    attach_checkpointing(patcher, skip=set(network.names), depth=1)
+    comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+    try:
+        network.requires_grad_(True)
+        for _ in range(2):
+            calls.clear()
+            network.zero_grad(set_to_none=True)
+            with torch.inference_mode(False), torch.enable_grad():
+                model_loss(patcher, *batch, loss_function("MSE")).backward()
+            for name in reference:
+                torch.testing.assert_close(dict(network.named_trainables())[name].grad, reference[name],
+                                           rtol=1e-5, atol=1e-7)
+    finally:
+        release_patcher(patcher)
+        for name in names:
+            dm.get_submodule(name).__dict__.pop("forward", None)
+    assert calls[names[-1]] == 1  # the output block's transformer: run once, kept
+    assert calls[names[-2]] == 2  # the ResBlock before it: run, then recomputed in the backward
+    assert max(calls.values()) == 2

@@ -17,8 +17,14 @@ from .network import COMFY_PREFIX, AdapterNetwork
 BYPASS_KEY = "loralab_bypass"
 
 
-def _hooked_forward(module: torch.nn.Module, adapter, output_bias: torch.Tensor | None, strength: float):
-    base_forward = type(module).forward
+def own_forward(module: torch.nn.Module):
+    """The layer class's own forward: what a hooked layer computes before its adapter is added."""
+    return type(module).forward
+
+
+def _hooked_forward(module: torch.nn.Module, adapter, output_bias: torch.Tensor | None, strength: float,
+                    base_forward_of=own_forward):
+    base_forward = base_forward_of(module)
     linear = isinstance(module, torch.nn.Linear)  # bias on the last axis; a conv's on axis 1
 
     def forward(x, *args, **kwargs):
@@ -42,16 +48,17 @@ def bypass_hooks(network: AdapterNetwork, diffusion_model: torch.nn.Module) -> d
     return hooks
 
 
-def attach_bypass(model_patcher, network: AdapterNetwork, strength: float = 1.0) -> None:
+def attach_bypass(model_patcher, network: AdapterNetwork, strength: float = 1.0, base_forward_of=own_forward) -> None:
     """Registers forward hooks for every adapter (and every Linear/Conv bias offset); they are live
-    while the patcher is loaded."""
+    while the patcher is loaded. ``base_forward_of(layer)`` gives the base computation each hook
+    adds to (training passes one that keeps nothing for a frozen weight's backward)."""
     hooks = bypass_hooks(network, model_patcher.model.diffusion_model)
 
     def inject(mp):
         diffusion_model = mp.model.diffusion_model
         for name, (adapter, bias) in hooks.items():
             module = diffusion_model.get_submodule(name)
-            module.forward = _hooked_forward(module, adapter, bias, strength)
+            module.forward = _hooked_forward(module, adapter, bias, strength, base_forward_of)
 
     def eject(mp):
         diffusion_model = mp.model.diffusion_model

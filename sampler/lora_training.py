@@ -23,6 +23,7 @@ from ..adapters.network import AdapterNetwork
 from ..adapters.targets import DEFAULT_PRESET, select_targets
 from .attention import use_fused_attention
 from .checkpointing import attach_checkpointing
+from .frozen_layers import attach_frozen_layers, frozen_forward
 from .dtypes import resolve_lora_dtype, resolve_training_dtype
 from .previews import RunPreviews, show_on_node
 from .run_checkpoints import RunCheckpoints
@@ -146,6 +147,18 @@ def attach(model_patcher, network: AdapterNetwork, bypass: bool, strength: float
     (attach_bypass if bypass else attach_weight_wrappers)(model_patcher, network, strength)
 
 
+def attach_for_training(model_patcher, network: AdapterNetwork, bypass: bool) -> set[str]:
+    """Adapters as in ``attach``; in bypass mode every other Linear/Conv runs as a frozen layer too
+    (see frozen_layers). Returns the names of the layers whose forward bypass mode replaced."""
+    if not bypass:
+        attach_weight_wrappers(model_patcher, network)
+        return set()
+    attach_bypass(model_patcher, network, base_forward_of=frozen_forward)
+    hooked = set(bypass_hooks(network, model_patcher.model.diffusion_model))
+    attach_frozen_layers(model_patcher, skip=hooked)
+    return hooked
+
+
 def load_existing(model, existing: ExistingAdapter, *, dtype, device) -> AdapterNetwork:
     """The network stored in a file of any supported key style; errors list what did not fit."""
     modules = dict(model.diffusion_model.named_modules())
@@ -198,9 +211,8 @@ def train_lora(model_patcher, latents, positive, request: LoraTrainingRequest,
         log.info("LoRA Lab: training %s on %d layers%s, %d parameters", network.algorithm, len(network),
                  f" + {len(network.offsets)} norm/bias offsets" if len(network.offsets) else "",
                  network.trainable_parameter_count())
-        attach(train_mp, network, request.bypass_mode)
+        hooked = attach_for_training(train_mp, network, request.bypass_mode)
         if request.gradient_checkpointing:
-            hooked = set(bypass_hooks(network, train_mp.model.diffusion_model))
             units = attach_checkpointing(train_mp, skip=hooked, depth=request.checkpoint_depth)
             log.info("LoRA Lab: gradient checkpointing at depth %d (%d pieces)", request.checkpoint_depth, units)
         if request.offloading and not request.bypass_mode:

@@ -12,7 +12,7 @@ import comfy.model_management
 from loralab.adapters.network import AdapterNetwork
 from loralab.adapters.targets import select_targets
 from loralab.sampler.checkpointing import attach_checkpointing, checkpoint_units
-from loralab.sampler.lora_training import attach, release_patcher
+from loralab.sampler.lora_training import attach, attach_for_training, release_patcher
 from loralab.sampler.objective import loss_function, model_loss, sample_sigmas
 from loralab.sampler.training_set import TrainingSet
 
@@ -32,9 +32,14 @@ def setup(sd15, motif_training_inputs):
     return model, network, (x0, conds, noise, sigma)
 
 
-def _grads(model, network, batch, depth):
+def _grads(model, network, batch, depth, frozen_layers=True):
+    """Adapter gradients with checkpointing at ``depth`` (0: none), attached as training attaches
+    (frozen base layers) or, with ``frozen_layers=False``, as plain hooks over torch's own layers."""
     patcher = model.clone()
-    attach(patcher, network, bypass=True)
+    if frozen_layers:
+        attach_for_training(patcher, network, bypass=True)
+    else:
+        attach(patcher, network, bypass=True)
     count = attach_checkpointing(patcher, skip=set(network.names), depth=depth) if depth else 0
     comfy.model_management.load_models_gpu([patcher], force_full_load=True)
     network.zero_grad(set_to_none=True)
@@ -47,14 +52,15 @@ def _grads(model, network, batch, depth):
 
 def test_every_depth_matches_no_checkpointing(setup):
     model, network, batch = setup
-    _, reference = _grads(model, network, batch, 0)
+    _, reference = _grads(model, network, batch, 0, frozen_layers=False)
     assert any(g.abs().sum() > 0 for g in reference.values())
     counts = []
-    for depth in range(1, 6):
+    for depth in range(0, 6):
         count, grads = _grads(model, network, batch, depth)
         counts.append(count)
         for name in reference:
             torch.testing.assert_close(grads[name], reference[name], rtol=1e-5, atol=1e-7)
+    counts = counts[1:]
     assert counts[0] > 0 and counts == sorted(counts) and counts[-1] > counts[0]  # deeper = finer pieces
 
 
@@ -115,3 +121,35 @@ def test_the_unit_that_runs_last_is_not_recomputed_from_the_second_forward_on(se
     assert calls[names[-1]] == 1  # the output block's transformer: run once, kept
     assert calls[names[-2]] == 2  # the ResBlock before it: run, then recomputed in the backward
     assert max(calls.values()) == 2
+
+
+def test_frozen_tail_layers_of_a_piece_are_not_recomputed(setup):
+    """A ResBlock's second conv and skip conv save nothing for the backward and nothing after them in
+    the block does, so the recompute stops before them: each runs once per step, while the first
+    conv, whose output the second norm keeps, runs again in the backward."""
+    model, network, batch = setup
+    dm = model.model.diffusion_model
+    block = "middle_block.0"  # a ResBlock that is checkpointed (not the piece that runs last)
+    assert block in checkpoint_units(dm, set(network.names), depth=1)
+    layers = {"first conv": f"{block}.in_layers.2", "second conv": f"{block}.out_layers.3"}
+    calls = Counter()
+    from loralab.sampler import frozen_layers
+    real_conv = frozen_layers._FrozenConv.forward
+
+    def counting_frozen(ctx, x, layer):
+        for label, name in layers.items():
+            if dm.get_submodule(name) is layer.module:
+                calls[label] += 1
+        return real_conv(ctx, x, layer)
+
+    frozen_layers._FrozenConv.forward = staticmethod(counting_frozen)
+    try:
+        _, reference = _grads(model, network, batch, 0, frozen_layers=False)
+        calls.clear()
+        _, grads = _grads(model, network, batch, 1)
+    finally:
+        frozen_layers._FrozenConv.forward = staticmethod(real_conv)
+    for name in reference:
+        torch.testing.assert_close(grads[name], reference[name], rtol=1e-5, atol=1e-7)
+    assert calls["first conv"] == 2
+    assert calls["second conv"] == 1

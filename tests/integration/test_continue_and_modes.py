@@ -11,7 +11,7 @@ from loralab.adapters.files import load_adapter_file, save_adapter_file
 from loralab.adapters.network import AdapterNetwork
 from loralab.adapters.targets import DEFAULT_PRESET, select_targets
 from loralab.sampler import train_state
-from loralab.sampler.lora_training import ExistingAdapter, LoraTrainingRequest, attach, train_lora
+from loralab.sampler.lora_training import ExistingAdapter, LoraTrainingRequest, attach_for_training, train_lora
 from loralab.sampler.objective import loss_function, model_loss, sample_sigmas
 from loralab.sampler.train_sampler import TrainConfig
 from loralab.sampler.training_set import TrainingSet
@@ -58,7 +58,8 @@ def test_continue_with_state_equals_one_uninterrupted_run(sd15, motif_training_i
 
 @pytest.mark.parametrize("norm_bias", [False, True], ids=["adapters", "adapters+norm/bias offsets"])
 def test_bypass_and_weight_wrappers_give_same_outputs_and_gradients(sd15, motif_training_inputs, norm_bias):
-    """Bypass hooks and weight wrappers agree; with norm/bias offsets too, whose Linear/Conv bias
+    """Bypass hooks and weight wrappers agree, attached as training attaches them (bypass mode runs
+    every base layer as a frozen layer); with norm/bias offsets too, whose Linear/Conv bias
     offsets bypass mode adds to the layer output instead of passing them through the op's bias."""
     model, _, _ = sd15
     latents, positive = motif_training_inputs
@@ -80,7 +81,7 @@ def test_bypass_and_weight_wrappers_give_same_outputs_and_gradients(sd15, motif_
     results = []
     for bypass in (True, False):
         patcher = model.clone()
-        attach(patcher, network, bypass)
+        attach_for_training(patcher, network, bypass)
         comfy.model_management.load_models_gpu([patcher], force_full_load=True)
         network.zero_grad(set_to_none=True)
         network.requires_grad_(True)

@@ -1,0 +1,213 @@
+"""Frozen base layers for training: the layer's own output and input gradient, at less cost.
+
+The base weights never train, so a frozen layer's backward needs its weight and nothing else
+(grad_in = grad_out @ W for a Linear, a transposed convolution for a Conv). torch's linear and
+convolution keep their input for a weight gradient that is never taken, and a layer whose
+weights ComfyUI casts on the fly (fp8 storage, offloading, 16-bit compute) keeps the cast copy
+until the backward. Here a frozen layer keeps nothing: the backward fetches the weight again,
+cast again where it was cast, so a cast copy lives only while its matmul runs.
+
+Keeping nothing also makes gradient checkpointing cheaper: its recompute stops as soon as every
+tensor the backward needs is back, so layers at the end of a checkpointed piece that nothing
+after them needs (a ResBlock's second conv and its skip conv) are not recomputed at all.
+
+On CPUs, torch sends fp32 matmuls to MKL, whose fp32 kernels run at well under half the speed of
+oneDNN's on some CPUs (AMD's among them: 2-3x in our measurements), while convolutions already
+go to oneDNN. Which of the two matmul kernels is faster is measured once per process on a matmul
+of a typical layer's size, and the faster one runs every frozen Linear's forward and backward.
+
+Layers with a trainable weight, with ComfyUI weight functions (weight-wrapper adapters, LoRAs
+patched in low-VRAM mode) or with string padding run their own forward, unchanged.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+import torch
+
+log = logging.getLogger("loralab")
+
+CONVS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+FROZEN_KEY = "loralab_frozen_layers"
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _best_of(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@functools.lru_cache(maxsize=1)
+def onednn_matmul_is_faster() -> bool:
+    """True when oneDNN's fp32 linear beats torch's default on a layer-sized matmul on this CPU
+    (and gives the same result). Measured once per process, in about a tenth of a second."""
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return False
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, 640, generator=generator)
+    w = torch.randn(640, 640, generator=generator)
+    try:
+        if not torch.allclose(_onednn_linear(x, w, None), torch.nn.functional.linear(x, w), rtol=1e-4, atol=1e-3):
+            return False
+        default = _best_of(lambda: torch.nn.functional.linear(x, w), 5)
+        onednn = _best_of(lambda: _onednn_linear(x, w, None), 5)
+    except RuntimeError:
+        return False
+    faster = onednn < 0.9 * default
+    log.info("LoRA Lab: fp32 matmul kernel for frozen layers: %s (oneDNN %.2f ms, default %.2f ms)",
+             "oneDNN" if faster else "torch default", onednn * 1e3, default * 1e3)
+    return faster
+
+
+class LayerWeights:
+    """Where a frozen layer's weight and bias come from, in the forward and again in the backward:
+    as stored, or cast to the compute dtype and device (by ComfyUI's own cast where the layer
+    casts). ``fetch`` returns (weight, bias, release); call release once the matmul is done."""
+
+    def __init__(self, module: torch.nn.Module, dtype: torch.dtype, device: torch.device):
+        self.module, self.dtype, self.device = module, dtype, device
+        self.comfy_cast = bool(getattr(module, "comfy_cast_weights", False))
+
+    def fetch(self):
+        module = self.module
+        if self.comfy_cast:
+            import comfy.ops
+            weight, bias, stream = comfy.ops.cast_bias_weight(module, None, dtype=self.dtype, device=self.device,
+                                                              bias_dtype=self.dtype, offloadable=True)
+            return weight, bias, lambda: comfy.ops.uncast_bias_weight(module, weight, bias, stream)
+        weight, bias = module.weight, module.bias
+        if weight.dtype != self.dtype:  # autocast: cast as autocast would
+            weight = weight.to(self.dtype)
+            bias = None if bias is None else bias.to(self.dtype)
+        return weight, bias, _nothing
+
+
+def _nothing():
+    return None
+
+
+def _matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, onednn: bool) -> torch.Tensor:
+    """x @ weight.T + bias for a weight [out, in] (which may be a transposed view)."""
+    if onednn:
+        return _onednn_linear(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+class _FrozenLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, layer: LayerWeights, onednn: bool):
+        ctx.layer, ctx.onednn = layer, onednn
+        weight, bias, release = layer.fetch()
+        out = _matmul(x, weight, bias, onednn)
+        release()
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        weight, _, release = ctx.layer.fetch()
+        grad_in = _matmul(grad_out, weight.t(), None, ctx.onednn)
+        release()
+        return grad_in, None, None
+
+
+def _conv(x, weight, bias, module):
+    conv = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)[weight.ndim - 3]
+    return conv(x, weight, bias, module.stride, module.padding, module.dilation, module.groups)
+
+
+class _FrozenConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, layer: LayerWeights):
+        ctx.layer, ctx.input_shape = layer, x.shape
+        weight, bias, release = layer.fetch()
+        out = _conv(x, weight, bias, layer.module)
+        release()
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        module = ctx.layer.module
+        weight, _, release = ctx.layer.fetch()
+        # Only the input's shape is read: an expanded one-element tensor stands in for it.
+        stand_in = grad_out.new_empty(1).expand(ctx.input_shape)
+        grad_in = torch.ops.aten.convolution_backward(
+            grad_out.contiguous(), stand_in, weight, None, module.stride, module.padding, module.dilation, False,
+            [0] * len(module.stride), module.groups, (True, False, False))[0]
+        release()
+        return grad_in, None
+
+
+def _compute_dtype(module: torch.nn.Module, x: torch.Tensor) -> torch.dtype | None:
+    """The dtype the layer computes ``x`` in, or None where the frozen path does not apply."""
+    if type(x) is not torch.Tensor or getattr(module, "weight_function", None) or getattr(module, "bias_function", None):
+        return None
+    weight, bias = module.weight, module.bias
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        return None
+    if isinstance(module, CONVS) and (isinstance(module.padding, str) or module.padding_mode != "zeros"):
+        return None
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    if getattr(module, "comfy_cast_weights", False):
+        return x.dtype  # ComfyUI casts the weights to the input's dtype
+    if weight.dtype != x.dtype or weight.device != x.device:
+        return None  # let the layer's own forward report the mismatch
+    return x.dtype
+
+
+def frozen_forward(module: torch.nn.Module):
+    """The base forward of a Linear or Conv layer as a training run should call it: through the
+    frozen-layer path where it applies (see ``_compute_dtype``), else the layer's own forward."""
+    own = type(module).forward
+    if not isinstance(module, (torch.nn.Linear, *CONVS)):
+        return own
+    linear = isinstance(module, torch.nn.Linear)
+
+    def forward(module, x, *args, **kwargs):
+        dtype = None if args or kwargs else _compute_dtype(module, x)
+        if dtype is None:
+            return own(module, x, *args, **kwargs)
+        layer = LayerWeights(module, dtype, x.device)
+        x = x.to(dtype)
+        if linear:
+            onednn = x.device.type == "cpu" and dtype == torch.float32 and onednn_matmul_is_faster()
+            return _FrozenLinear.apply(x, layer, onednn)
+        return _FrozenConv.apply(x, layer)
+    return forward
+
+
+def attach_frozen_layers(model_patcher, skip: set[str] = frozenset()) -> int:
+    """Runs every Linear and Conv layer of the diffusion model that has no adapter hook (``skip``)
+    through ``frozen_forward`` while the patcher is loaded; returns how many layers."""
+    from comfy.patcher_extension import PatcherInjection
+    layers = [name for name, m in model_patcher.model.diffusion_model.named_modules()
+              if isinstance(m, (torch.nn.Linear, *CONVS)) and name not in skip]
+
+    def inject(mp):
+        dm = mp.model.diffusion_model
+        for name in layers:
+            module = dm.get_submodule(name)
+            forward = frozen_forward(module)
+            module.forward = lambda *args, _m=module, _f=forward, **kwargs: _f(_m, *args, **kwargs)
+
+    def eject(mp):
+        dm = mp.model.diffusion_model
+        for name in layers:
+            dm.get_submodule(name).__dict__.pop("forward", None)
+
+    model_patcher.set_injections(FROZEN_KEY, [PatcherInjection(inject=inject, eject=eject)])
+    return len(layers)

@@ -5,14 +5,17 @@ to checkpoint are those children (ResBlock, SpatialTransformer, ...): the highes
 are not plain containers. Their activations are dropped after the forward and recomputed in the
 backward.
 
-Two kinds of piece are left unchecked because checkpointing them costs a recompute and saves
+Pieces are left unchecked where checkpointing them would cost a recompute and save little or
 nothing:
 - a single layer (a module with no submodules: conv_in, a time-embedding Linear, the output
   conv): what the checkpoint keeps, its input, is what the layer keeps for its own backward;
 - the last piece the forward runs: its backward comes first, so its recompute would start the
   moment the forward ends, and its activations would be alive at that moment either way. Peak
   memory is the same, one piece's recompute less. Which piece runs last is learnt from the first
-  forward (RunOrder).
+  forward (RunOrder);
+- a piece that frees far less memory per FLOP of recompute than the best piece (a UNet's
+  ResBlocks, next to its transformer blocks): measured by one forward before training, see
+  checkpoint_plan.
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ import torch
 import torch.utils.checkpoint
 
 from comfy.patcher_extension import PatcherInjection
+
+from .checkpoint_plan import PieceMeter, choose_pieces, describe
 
 CHECKPOINT_KEY = "loralab_checkpointing"
 CONTAINERS = (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)
@@ -69,31 +74,59 @@ class RunOrder:
                 self.seen.append(name)
 
 
-def _checkpointed(name: str, forward, order: RunOrder):
+class CheckpointPlan:
+    """The units of one patcher and which of them are checkpointed: all of them until ``measure``
+    has chosen, never the one that runs last."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        self.order = RunOrder()
+        self.meter = PieceMeter()
+        self.chosen: set[str] | None = None  # None: not measured, every unit is checkpointed
+        self.costs: dict = {}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def checkpoints(self, name: str) -> bool:
+        return name != self.order.last and (self.chosen is None or name in self.chosen)
+
+    def measure(self, forward) -> str:
+        """Runs ``forward()`` (a training forward with grad enabled, never back-propagated), measures
+        every unit and keeps the ones worth checkpointing; returns a line for the log."""
+        self.costs = self.meter.measure(forward)
+        self.chosen = choose_pieces(self.costs)
+        return describe(self.costs, self.chosen)
+
+
+def _checkpointed(name: str, forward, plan: CheckpointPlan):
     def run(*args, **kwargs):
-        order.note(name)
-        if not torch.is_grad_enabled() or name == order.last:
+        plan.order.note(name)
+        if plan.meter.active:
+            return plan.meter.run(name, forward, args, kwargs)
+        if not torch.is_grad_enabled() or not plan.checkpoints(name):
             return forward(*args, **kwargs)
         return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
     return run
 
 
-def attach_checkpointing(model_patcher, skip: set[str] = frozenset(), depth: int = 1) -> int:
+def attach_checkpointing(model_patcher, skip: set[str] = frozenset(), depth: int = 1) -> CheckpointPlan:
     """Checkpoints the units of the diffusion model while the patcher is loaded (from the second
-    forward on, all but the one that runs last); returns the count of units.
+    forward on, all but the one that runs last; after ``plan.measure``, the ones it chose) and
+    returns the plan.
 
     ``skip`` names modules (adapter targets) that must keep their own forward.
     """
     if not 1 <= depth <= 5:
         raise ValueError(f"checkpoint_depth must be 1 to 5, got {depth}")
-    names = checkpoint_units(model_patcher.model.diffusion_model, set(skip), depth=depth)
-    order = RunOrder()
+    plan = CheckpointPlan(checkpoint_units(model_patcher.model.diffusion_model, set(skip), depth=depth))
+    names = plan.names
 
     def inject(mp):
         dm = mp.model.diffusion_model
         for name in names:
             module = dm.get_submodule(name)
-            module.forward = _checkpointed(name, module.forward, order)
+            module.forward = _checkpointed(name, module.forward, plan)
 
     def eject(mp):
         dm = mp.model.diffusion_model
@@ -101,4 +134,4 @@ def attach_checkpointing(model_patcher, skip: set[str] = frozenset(), depth: int
             dm.get_submodule(name).__dict__.pop("forward", None)
 
     model_patcher.set_injections(CHECKPOINT_KEY, [PatcherInjection(inject=inject, eject=eject)])
-    return len(names)
+    return plan

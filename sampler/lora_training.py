@@ -23,7 +23,7 @@ from ..adapters.network import AdapterNetwork
 from ..adapters.targets import DEFAULT_PRESET, select_targets
 from .attention import use_fused_attention
 from .checkpointing import attach_checkpointing
-from .frozen_layers import attach_frozen_layers, frozen_forward
+from .frozen_layers import attach_frozen_layers, frozen_forward, onednn_matmul_is_faster
 from .dtypes import resolve_lora_dtype, resolve_training_dtype
 from .previews import RunPreviews, show_on_node
 from .run_checkpoints import RunCheckpoints
@@ -153,6 +153,7 @@ def attach_for_training(model_patcher, network: AdapterNetwork, bypass: bool) ->
     if not bypass:
         attach_weight_wrappers(model_patcher, network)
         return set()
+    onednn_matmul_is_faster()  # measured now, not inside the first forward (and its FLOP count)
     attach_bypass(model_patcher, network, base_forward_of=frozen_forward)
     hooked = set(bypass_hooks(network, model_patcher.model.diffusion_model))
     attach_frozen_layers(model_patcher, skip=hooked)
@@ -212,9 +213,9 @@ def train_lora(model_patcher, latents, positive, request: LoraTrainingRequest,
                  f" + {len(network.offsets)} norm/bias offsets" if len(network.offsets) else "",
                  network.trainable_parameter_count())
         hooked = attach_for_training(train_mp, network, request.bypass_mode)
+        plan = None
         if request.gradient_checkpointing:
-            units = attach_checkpointing(train_mp, skip=hooked, depth=request.checkpoint_depth)
-            log.info("LoRA Lab: gradient checkpointing at depth %d (%d pieces)", request.checkpoint_depth, units)
+            plan = attach_checkpointing(train_mp, skip=hooked, depth=request.checkpoint_depth)
         if request.offloading and not request.bypass_mode:
             raise ValueError("offloading needs bypass_mode: weight wrappers would rebuild every streamed weight")
         load_for_training(train_mp, request.offloading)
@@ -241,6 +242,9 @@ def train_lora(model_patcher, latents, positive, request: LoraTrainingRequest,
                     show_on_node(image, report.step, report.total)
 
             sampler = TrainSampler(train_mp, network.named_trainables(), data, request.config, report_step)
+            if plan is not None:
+                log.info("LoRA Lab: gradient checkpointing at depth %d: %s", request.checkpoint_depth,
+                         plan.measure(sampler.probe_forward))
             previous_steps = steps_from_metadata(existing.metadata) if existing else 0
             if not (existing is not None and existing.train_state is not None and _restore(sampler, existing)):
                 sampler.completed_steps = previous_steps

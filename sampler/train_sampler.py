@@ -78,6 +78,14 @@ class TrainSampler:
         sigma = sample_sigmas(sampling, torch.rand(x0.shape[0], generator=self.generator)).to(x0.device)
         return x0, conds, noise, sigma
 
+    def probe_forward(self) -> torch.Tensor:
+        """One forward as training runs it, on the first item of the largest bucket, with no noise
+        and leaving the random stream untouched (gradient checkpointing measures its pieces on it)."""
+        bucket = max(self.data.buckets, key=lambda b: b.latents[0].numel())
+        x0, conds = bucket.select(torch.tensor([0]))
+        sigma = sample_sigmas(self.patcher.model.model_sampling, torch.tensor([0.5])).to(x0.device)
+        return model_loss(self.patcher, x0, conds, torch.zeros_like(x0), sigma, self.loss_fn, autocast=self.autocast)
+
     def _micro_batch_loss(self) -> torch.Tensor:
         x0, conds, noise, sigma = self.draw()
         return model_loss(self.patcher, x0, conds, noise, sigma, self.loss_fn, autocast=self.autocast)

@@ -40,7 +40,7 @@ def _grads(model, network, batch, depth, frozen_layers=True):
         attach_for_training(patcher, network, bypass=True)
     else:
         attach(patcher, network, bypass=True)
-    count = attach_checkpointing(patcher, skip=set(network.names), depth=depth) if depth else 0
+    count = len(attach_checkpointing(patcher, skip=set(network.names), depth=depth)) if depth else 0
     comfy.model_management.load_models_gpu([patcher], force_full_load=True)
     network.zero_grad(set_to_none=True)
     network.requires_grad_(True)
@@ -85,9 +85,12 @@ def test_single_layers_are_never_units(setup):
         assert not {"input_blocks.0.0", "out.2", "time_embed.0"} & set(names)
 
 
-def test_the_unit_that_runs_last_is_not_recomputed_from_the_second_forward_on(setup):
+def test_measured_plan_recomputes_only_the_chosen_pieces_and_never_the_last(setup):
+    """After the measuring forward, the transformer blocks (dense in activation memory) are
+    checkpointed and the ResBlocks (convs, little memory per FLOP) are not; the piece that runs last
+    is not recomputed either. Gradients stay those of no checkpointing, over two steps."""
     model, network, batch = setup
-    _, reference = _grads(model, network, batch, 0)
+    _, reference = _grads(model, network, batch, 0, frozen_layers=False)
     dm = model.model.diffusion_model
     names = checkpoint_units(dm, set(network.names), depth=1)
     calls = Counter()
@@ -101,11 +104,13 @@ def test_the_unit_that_runs_last_is_not_recomputed_from_the_second_forward_on(se
     for name in names:  # under the checkpoint wrapper, so recomputes are counted too
         dm.get_submodule(name).forward = counting(name, dm.get_submodule(name).forward)
     patcher = model.clone()
-    attach(patcher, network, bypass=True)
-    attach_checkpointing(patcher, skip=set(network.names), depth=1)
+    attach_for_training(patcher, network, bypass=True)
+    plan = attach_checkpointing(patcher, skip=set(network.names), depth=1)
     comfy.model_management.load_models_gpu([patcher], force_full_load=True)
     try:
         network.requires_grad_(True)
+        with torch.inference_mode(False):
+            plan.measure(lambda: model_loss(patcher, *batch, loss_function("MSE")))
         for _ in range(2):
             calls.clear()
             network.zero_grad(set_to_none=True)
@@ -118,9 +123,15 @@ def test_the_unit_that_runs_last_is_not_recomputed_from_the_second_forward_on(se
         release_patcher(patcher)
         for name in names:
             dm.get_submodule(name).__dict__.pop("forward", None)
-    assert calls[names[-1]] == 1  # the output block's transformer: run once, kept
-    assert calls[names[-2]] == 2  # the ResBlock before it: run, then recomputed in the backward
-    assert max(calls.values()) == 2
+    kinds = {name: type(dm.get_submodule(name)).__name__ for name in names}
+    transformers = {n for n, k in kinds.items() if k == "SpatialTransformer"}
+    resblocks = {n for n, k in kinds.items() if k == "ResBlock"}
+    assert plan.chosen == transformers
+    assert sum(plan.costs[n].saved_bytes for n in transformers) > 0.8 * sum(c.saved_bytes for c in plan.costs.values())
+    last = names[-1]
+    assert last in transformers and calls[last] == 1  # runs last: kept, not recomputed
+    assert all(calls[n] == 2 for n in transformers - {last})  # run, then recomputed in the backward
+    assert all(calls[n] == 1 for n in resblocks)
 
 
 def test_frozen_tail_layers_of_a_piece_are_not_recomputed(setup):

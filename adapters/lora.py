@@ -33,15 +33,37 @@ def kaiming_uniform(shape, fan_in: int, generator: torch.Generator | None) -> to
     return torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
 
 
+def _pointwise(spec: LayerSpec) -> bool:
+    """A conv that maps each position on its own: a 1x1 kernel, stride 1, no padding."""
+    return (spec.kind == "conv" and all(k == 1 for k in spec.kernel_size) and all(s == 1 for s in spec.stride)
+            and not isinstance(spec.padding, str) and not any(spec.padding))
+
+
+def down_project(spec: LayerSpec, x: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """``down`` [r, in*k*k] applied as the layer's op (a conv with its kernel/stride/padding).
+
+    A pointwise conv runs as a matmul over the flattened positions: oneDNN's convolution with only
+    ``r`` output channels runs its forward and backward 2-4x slower than that matmul."""
+    rank = down.shape[0]
+    if spec.kind == "linear":
+        return torch.nn.functional.linear(x, down.reshape(rank, spec.in_features).to(x.dtype))
+    if _pointwise(spec):
+        flat = x.reshape(x.shape[0], spec.in_features, -1)
+        h = torch.matmul(down.reshape(rank, spec.in_features).to(x.dtype), flat)
+        return h.view(x.shape[0], rank, *x.shape[2:])
+    down = down.reshape(rank, spec.in_features, *spec.kernel_size).to(x.dtype)
+    return conv_fn(spec.conv_dims)(x, down, None, spec.stride, spec.padding, spec.dilation)
+
+
 def low_rank_apply(spec: LayerSpec, x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """``(up @ down) x`` through the rank bottleneck: ``down`` [r, in*k*k] runs as the layer's op
     (conv with its kernel/stride/padding), ``up`` [out, r] as a 1x1 map; no full-size weight."""
-    down = down.reshape(down.shape[0], spec.in_features, *spec.kernel_size).to(x.dtype)
-    up = up.reshape(up.shape[0], up.shape[1], *([1] * spec.conv_dims)).to(x.dtype)
+    h = down_project(spec, x, down)
+    up = up.reshape(up.shape[0], up.shape[1]).to(x.dtype)
     if spec.kind == "linear":
-        return torch.nn.functional.linear(torch.nn.functional.linear(x, down), up)
-    conv = conv_fn(spec.conv_dims)
-    return conv(conv(x, down, None, spec.stride, spec.padding, spec.dilation), up)
+        return torch.nn.functional.linear(h, up)
+    out = torch.matmul(up, h.reshape(h.shape[0], h.shape[1], -1))
+    return out.view(h.shape[0], up.shape[0], *h.shape[2:])
 
 
 def low_rank_add(spec: LayerSpec, base_out: torch.Tensor, x: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
@@ -50,13 +72,11 @@ def low_rank_add(spec: LayerSpec, base_out: torch.Tensor, x: torch.Tensor, up: t
     addition fused into the up-projection (addmm / baddbmm): one full-size write instead of the
     four of ``base_out + (up(down(x)) * scale) * strength``, forward and backward."""
     rank = down.shape[0]
-    down = down.reshape(rank, spec.in_features, *spec.kernel_size).to(x.dtype)
     up = (up.reshape(up.shape[0], rank) * coefficient).to(x.dtype)
+    h = down_project(spec, x, down)
     if spec.kind == "linear":
-        h = torch.nn.functional.linear(x, down)
         out = torch.addmm(base_out.reshape(-1, up.shape[0]), h.reshape(-1, rank), up.t())
         return out.view(base_out.shape)
-    h = conv_fn(spec.conv_dims)(x, down, None, spec.stride, spec.padding, spec.dilation)
     batch = h.shape[0]
     out = torch.baddbmm(base_out.reshape(batch, up.shape[0], -1), up.expand(batch, *up.shape), h.reshape(batch, rank, -1))
     return out.view(base_out.shape)

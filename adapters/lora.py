@@ -23,6 +23,7 @@ import math
 import torch
 
 from .base import Adapter, LayerSpec, apply_base_op, check_rank_and_groups, conv_fn
+from .cpu_kernels import low_rank_add_fp32, use_onednn
 
 EPS = torch.finfo(torch.float32).eps  # ComfyUI patches float32 weights, so its eps is this one
 
@@ -71,11 +72,16 @@ def low_rank_add(spec: LayerSpec, base_out: torch.Tensor, x: torch.Tensor, up: t
     """``base_out + coefficient * (up @ down) x`` with the scale folded into the small ``up`` and the
     addition fused into the up-projection (addmm / baddbmm): one full-size write instead of the
     four of ``base_out + (up(down(x)) * scale) * strength``, forward and backward."""
+    if (spec.kind == "linear" or _pointwise(spec)) and use_onednn(base_out, x, up, down):
+        return low_rank_add_fp32(base_out, x, up, down, coefficient, pointwise_conv=spec.kind != "linear")
     rank = down.shape[0]
     up = (up.reshape(up.shape[0], rank) * coefficient).to(x.dtype)
     h = down_project(spec, x, down)
     if spec.kind == "linear":
-        out = torch.addmm(base_out.reshape(-1, up.shape[0]), h.reshape(-1, rank), up.t())
+        # up.T as a row-major [r, out] matrix: its gradient is then h.T @ grad (an [r, M] x [M, out]
+        # product); given the transposed view, autograd computes grad.T @ h instead, a tall-skinny
+        # product with r outputs per row that CPU BLAS runs 5-20x slower.
+        out = torch.addmm(base_out.reshape(-1, up.shape[0]), h.reshape(-1, rank), up.t().contiguous())
         return out.view(base_out.shape)
     batch = h.shape[0]
     out = torch.baddbmm(base_out.reshape(batch, up.shape[0], -1), up.expand(batch, *up.shape), h.reshape(batch, rank, -1))

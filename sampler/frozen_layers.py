@@ -11,62 +11,20 @@ Keeping nothing also makes gradient checkpointing cheaper: its recompute stops a
 tensor the backward needs is back, so layers at the end of a checkpointed piece that nothing
 after them needs (a ResBlock's second conv and its skip conv) are not recomputed at all.
 
-On CPUs, torch sends fp32 matmuls to MKL, whose fp32 kernels run at well under half the speed of
-oneDNN's on some CPUs (AMD's among them: 2-3x in our measurements), while convolutions already
-go to oneDNN. Which of the two matmul kernels is faster is measured once per process on a matmul
-of a typical layer's size, and the faster one runs every frozen Linear's forward and backward.
+On CPUs, a frozen Linear's fp32 forward and backward run on whichever matmul kernel measured
+faster here, torch's default (MKL) or oneDNN (see adapters/cpu_kernels).
 
 Layers with a trainable weight, with ComfyUI weight functions (weight-wrapper adapters, LoRAs
 patched in low-VRAM mode) or with string padding run their own forward, unchanged.
 """
 from __future__ import annotations
 
-import functools
-import logging
-import time
-
 import torch
 
-log = logging.getLogger("loralab")
+from ..adapters.cpu_kernels import onednn_linear, onednn_matmul_is_faster
 
 CONVS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 FROZEN_KEY = "loralab_frozen_layers"
-
-
-def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-
-def _best_of(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-@functools.lru_cache(maxsize=1)
-def onednn_matmul_is_faster() -> bool:
-    """True when oneDNN's fp32 linear beats torch's default on a layer-sized matmul on this CPU
-    (and gives the same result). Measured once per process, in about a tenth of a second."""
-    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-        return False
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(1024, 640, generator=generator)
-    w = torch.randn(640, 640, generator=generator)
-    try:
-        if not torch.allclose(_onednn_linear(x, w, None), torch.nn.functional.linear(x, w), rtol=1e-4, atol=1e-3):
-            return False
-        default = _best_of(lambda: torch.nn.functional.linear(x, w), 5)
-        onednn = _best_of(lambda: _onednn_linear(x, w, None), 5)
-    except RuntimeError:
-        return False
-    faster = onednn < 0.9 * default
-    log.info("LoRA Lab: fp32 matmul kernel for frozen layers: %s (oneDNN %.2f ms, default %.2f ms)",
-             "oneDNN" if faster else "torch default", onednn * 1e3, default * 1e3)
-    return faster
 
 
 class LayerWeights:
@@ -99,7 +57,7 @@ def _nothing():
 def _matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, onednn: bool) -> torch.Tensor:
     """x @ weight.T + bias for a weight [out, in] (which may be a transposed view)."""
     if onednn:
-        return _onednn_linear(x, weight, bias)
+        return onednn_linear(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
 
 

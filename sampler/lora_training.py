@@ -23,7 +23,8 @@ from ..adapters.network import AdapterNetwork
 from ..adapters.targets import DEFAULT_PRESET, select_targets
 from .attention import use_fused_attention
 from .checkpointing import attach_checkpointing
-from .frozen_layers import attach_frozen_layers, frozen_forward, onednn_matmul_is_faster
+from ..adapters.cpu_kernels import onednn_matmul_is_faster
+from .frozen_layers import attach_frozen_layers, frozen_forward
 from .dtypes import resolve_lora_dtype, resolve_training_dtype
 from .previews import RunPreviews, show_on_node
 from .run_checkpoints import RunCheckpoints

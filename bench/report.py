@@ -70,7 +70,8 @@ def summarize(results: dict) -> dict:
                      "train_mem_mib": r["train_mem_mib"], "process_peak_mib": r["process_peak_mib"],
                      "trainable_params": r["trainable_params"]})
     depth = [{"depth": row["depth"], "s_per_step": row["result"]["median_s_per_step"],
-              "train_mem_mib": row["result"]["train_mem_mib"], "process_peak_mib": row["result"]["process_peak_mib"]}
+              "train_mem_mib": row["result"]["train_mem_mib"], "process_peak_mib": row["result"]["process_peak_mib"],
+              "checkpointing": row["result"].get("checkpointing", "")}
              for row in results.get("depth", [])]
     return {"fp32": fp32, "defaults": defaults, "cost": cost, "depth": depth}
 
@@ -104,12 +105,12 @@ def _speed_table(arms: dict) -> list[str]:
 def _flops_table(arms: dict, peak: dict) -> list[str]:
     rows = []
     for arm, s in arms.items():
+        entry = peak.get(s["peak_dtype"]) or {}
         rows.append([ARM_LABELS.get(arm, arm), _gflops(s["flops_per_step"]), _f(s["s_per_step"]),
-                     _gflops(s["achieved_flops_per_s"]), s["peak_dtype"],
-                     _gflops((peak.get(s["peak_dtype"]) or {}).get("flops_per_s")),
-                     _f(s["fraction_of_peak"], "{:.1%}")])
+                     _gflops(s["achieved_flops_per_s"]), s["peak_dtype"], _gflops(entry.get("flops_per_s")),
+                     entry.get("kernel", "torch.mm"), _f(s["fraction_of_peak"], "{:.1%}")])
     return _table(["trainer", "GFLOP/step (counted)", "s/step", "achieved GFLOP/s", "peak dtype",
-                   "matmul peak GFLOP/s", "of peak"], rows)
+                   "matmul peak GFLOP/s", "peak kernel", "of peak"], rows)
 
 
 def _eval_table(arms: dict) -> list[str]:
@@ -148,9 +149,10 @@ def _depth_table(depth: list[dict]) -> list[str]:
         rel_time = d["s_per_step"] / off["s_per_step"] if off else None
         rel_mem = d["train_mem_mib"] / off["train_mem_mib"] if off and off["train_mem_mib"] else None
         rows.append([str(d["depth"] or "off"), _f(d["s_per_step"]), _f(rel_time, "{:.2f}x"),
-                     _f(d["train_mem_mib"], "{:.0f} MiB"), _f(rel_mem, "{:.2f}x"), _f(d["process_peak_mib"], "{:.0f} MiB")])
+                     _f(d["train_mem_mib"], "{:.0f} MiB"), _f(rel_mem, "{:.2f}x"), _f(d["process_peak_mib"], "{:.0f} MiB"),
+                     d.get("checkpointing") or "–"])
     return _table(["checkpoint_depth", "s/step", "time vs off", "training memory", "memory vs off",
-                   "process peak RSS"], rows)
+                   "process peak RSS", "pieces recomputed (measured before step 1)"], rows)
 
 
 # The issue's targets: (label, arm, figure, how it compares, threshold).
@@ -236,8 +238,11 @@ def markdown(results: dict, summary: dict) -> str:
                   *_depth_table(summary["depth"]), "",
                   "Depth 1 checkpoints whole blocks (fewest stored activations); each deeper level checkpoints "
                   "smaller pieces, so fewer activations are recomputed per piece but more piece boundaries are kept. "
-                  "At every depth, single layers and the piece that runs last are left unchecked: recomputing them "
-                  "would save no memory."]
+                  "At every depth, single layers and the piece that runs last are left unchecked (recomputing them "
+                  "would save no memory), and so are pieces that free under a third of the densest piece's "
+                  "activation bytes per FLOP of recompute, measured by one forward before the first step (in this "
+                  "UNet, the ResBlocks: little memory for two large convolutions). Frozen layers keep nothing for "
+                  "the backward, so a recompute also stops before the layers that end a piece."]
     lines += ["", "## Targets", "", *_targets_table(summary)]
     lines += ["", "## How each figure is measured", "", *NOTES]
     return "\n".join(lines) + "\n"
@@ -253,13 +258,19 @@ NOTES = [
     "`echo 5 > /proc/self/clear_refs` just before training (a 5 ms VmRSS sampling thread where that reset does not "
     "work). **process peak RSS**: the whole process's peak (VmHWM before and after the reset). The images are "
     "VAE/CLIP-encoded once in a separate process, so neither the VAE nor CLIP is in these processes.",
-    "- **FLOPs/step**: `torch.utils.flop_counter.FlopCounterMode` around one extra 1-step run in the same process. "
-    "It counts matmuls, convolutions and attention as executed, so checkpointing's recomputation and a weight "
+    "- **FLOPs/step**: `torch.utils.flop_counter.FlopCounterMode` around an extra 2-step and an extra 1-step run in "
+    "the same process; a step's FLOPs are the difference, so one-time setup work is not counted as step work, "
+    "with the pack's formulas for the kernels torch's registry leaves out (the CPU flash-attention kernels and "
+    "oneDNN's linear, `loralab.sampler.flop_formulas`). It counts matmuls, convolutions and attention as executed, "
+    "so checkpointing's recomputation and a weight "
     "wrapper's per-forward `W + up @ down` are included, and each trainer's FLOPs are its own work. "
-    "**achieved FLOP/s** = FLOPs/step ÷ median s/step; **of peak** = that ÷ the best square `torch.mm` FLOP/s "
-    "(sizes 1024–4096, best of 8) measured in the same bench run, in the training dtype. The peak gets a 45 s "
-    "budget per dtype: where bf16 is emulated (a CPU without bf16 instructions) only the small sizes fit, so "
-    "'of peak' can pass 100% there.",
+    "**achieved FLOP/s** = FLOPs/step ÷ median s/step; **of peak** = that ÷ the best square matmul FLOP/s "
+    "(sizes 1024–4096, best of 8, over torch.mm and, on a CPU, oneDNN's linear: the kernels training can use) "
+    "measured in the same bench run, in the training dtype. The peak gets a 45 s budget per dtype: where bf16 is "
+    "emulated (a CPU without bf16 instructions) only the small sizes fit, so 'of peak' can pass 100% there.",
+    "- **kernels**: native runs torch's default kernels (fp32 matmuls on MKL); LoRA Lab runs its frozen layers' "
+    "and LoRA's fp32 matmuls on oneDNN where a 0.1 s probe at the start of the process measures oneDNN faster "
+    "(`loralab.adapters.cpu_kernels`). Convolutions run on oneDNN for both.",
     "- **held-out loss**: `loralab.sampler.evaluation.heldout_loss` on `heldout_pairs` (4 fixed (noise, sigma) "
     "pairs per image, seed 1234) of a `TrainingSet` built from the same latents and positives; prediction-space "
     "MSE, fp32. Native's LORA_MODEL is applied with `comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)`, "

@@ -73,12 +73,17 @@ def run_worker(args: argparse.Namespace) -> int:
     del trained
     gc.collect()
     if args.flops:
+        # One step's FLOPs: a 2-step run's minus a 1-step run's, so one-time setup work (LoRA Lab's
+        # measuring forward for checkpointing, native's setup) is not counted as step work.
         from flops import FlopCount
-        one = workload.Settings(**{**vars(settings), "steps": 1})
-        with FlopCount() as counter:
-            workload.train(args.side, inputs, one)
-        result["flops_per_step"] = counter.total
-        result["flops_by_op"] = counter.by_operator()
+        counts = {}
+        for steps in (1, 2):
+            with FlopCount() as counter:
+                workload.train(args.side, inputs, workload.Settings(**{**vars(settings), "steps": steps}))
+            counts[steps] = counter
+        result["flops_per_step"] = counts[2].total - counts[1].total
+        result["flops_setup"] = 2 * counts[1].total - counts[2].total
+        result["flops_by_op"] = {op: n - counts[1].by_operator().get(op, 0) for op, n in counts[2].by_operator().items()}
     result["loadavg_end"] = os.getloadavg()[0]
     emit(result)
     return 0

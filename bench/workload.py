@@ -184,7 +184,8 @@ def train_ours(inputs: Inputs, s: Settings) -> Trained:
     params = sum(p.numel() for p in result.network.parameters())
     return Trained(times, list(result.losses), _dtype_name(dtype), _dtype_name(lora_dtype), params,
                    len(result.network), extra={"target_layers": request.target_layers, "bypass": request.bypass_mode,
-                                               "norm_bias_offsets": len(result.network.offsets)},
+                                               "norm_bias_offsets": len(result.network.offsets),
+                                               "checkpointing": result.checkpointing},
                    model=result.model)
 
 

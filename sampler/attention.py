@@ -2,13 +2,21 @@
 
 Without a GPU attention backend ComfyUI falls back to sub-quadratic or split attention, which
 materialise the score matrix in chunks (baddbmm + softmax + bmm) and whose backward re-reads it.
-torch's scaled_dot_product_attention computes the same attention with fused forward and backward
-kernels on CPU and GPU. The override goes into the training clone's transformer_options only, so
-sampling elsewhere in the graph keeps the user's choice, and an override the user already set wins.
+torch's CPU flash-attention kernels compute the same attention with fused forward and backward
+kernels. Training calls them through ``_CpuFlashAttention``, whose output and log-sum-exp a
+checkpointed piece keeps for its recompute (see checkpointing.reuse_in_recompute): the backward
+needs them anyway, they are a few MiB, and recomputing them is the most expensive part of a
+transformer block's recompute per byte. The override goes into the training clone's
+transformer_options only, so sampling elsewhere in the graph keeps the user's choice, and an
+override the user already set wins.
 """
 from __future__ import annotations
 
 import logging
+
+import torch
+
+from .checkpointing import reuse_in_recompute
 
 log = logging.getLogger("loralab")
 
@@ -32,9 +40,57 @@ def use_fused_attention(model_patcher) -> bool:
         return False
 
     def fused(func, *args, **kwargs):
-        return attention.attention_pytorch(*args, **kwargs)
+        return training_attention(*args, **kwargs)
 
     options[OVERRIDE_KEY] = fused
     log.info("LoRA Lab: training with torch scaled-dot-product attention instead of %s",
              attention.optimized_attention.__name__)
     return True
+
+
+def _flash_forward(q, k, v):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)
+
+
+class _CpuFlashAttention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(d)) v on torch's CPU flash kernels, [batch, heads, tokens, dim]."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out, lse = reuse_in_recompute(lambda: _flash_forward(q, k, v))
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse = ctx.saved_tensors
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad.contiguous(), q, k, v, out, lse, 0.0, False)
+
+
+def _cpu_flash_applies(q, k, v, mask) -> bool:
+    aten = torch.ops.aten
+    return (mask is None and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype
+            and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu")
+            and hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"))
+
+
+def training_attention(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False,
+                       **kwargs):
+    """ComfyUI's attention signature, computed by ``_CpuFlashAttention`` on the CPU, by ComfyUI's
+    torch-SDPA attention elsewhere or with a mask."""
+    from comfy.ldm.modules import attention
+    if not _cpu_flash_applies(q, k, v, mask):
+        return attention.attention_pytorch(q, k, v, heads, mask=mask, attn_precision=attn_precision,
+                                           skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape, **kwargs)
+    if skip_reshape:
+        b, _, _, dim_head = q.shape
+    else:
+        b, _, inner = q.shape
+        dim_head = inner // heads
+        q, k, v = (t.view(b, -1, heads, dim_head).transpose(1, 2) for t in (q, k, v))
+    out = _CpuFlashAttention.apply(q, k, v)
+    if not skip_output_reshape:
+        out = out.transpose(1, 2).reshape(b, -1, heads * dim_head)
+    return out

@@ -75,6 +75,7 @@ class LoraTrainingResult:
     total_steps: int
     network: AdapterNetwork
     samples: list = field(default_factory=list)  # paths of the preview images saved during the run
+    checkpointing: str = ""  # which pieces gradient checkpointing recomputed, as logged
 
 
 def release_patcher(model_patcher) -> None:
@@ -217,6 +218,7 @@ def train_lora(model_patcher, latents, positive, request: LoraTrainingRequest,
         plan = None
         if request.gradient_checkpointing:
             plan = attach_checkpointing(train_mp, skip=hooked, depth=request.checkpoint_depth)
+        checkpointing = ""
         if request.offloading and not request.bypass_mode:
             raise ValueError("offloading needs bypass_mode: weight wrappers would rebuild every streamed weight")
         load_for_training(train_mp, request.offloading)
@@ -244,8 +246,8 @@ def train_lora(model_patcher, latents, positive, request: LoraTrainingRequest,
 
             sampler = TrainSampler(train_mp, network.named_trainables(), data, request.config, report_step)
             if plan is not None:
-                log.info("LoRA Lab: gradient checkpointing at depth %d: %s", request.checkpoint_depth,
-                         plan.measure(sampler.probe_forward))
+                checkpointing = plan.measure(sampler.probe_forward)
+                log.info("LoRA Lab: gradient checkpointing at depth %d: %s", request.checkpoint_depth, checkpointing)
             previous_steps = steps_from_metadata(existing.metadata) if existing else 0
             if not (existing is not None and existing.train_state is not None and _restore(sampler, existing)):
                 sampler.completed_steps = previous_steps
@@ -277,7 +279,8 @@ def train_lora(model_patcher, latents, positive, request: LoraTrainingRequest,
     attach(out_mp, network, request.bypass_mode)
     lora = _lora_state(model_patcher, request, network, data, sampler, started, total_steps, dtype)
     events.finished("finished")
-    return LoraTrainingResult(out_mp, lora, losses, total_steps, network, list(previews.saved) if previews else [])
+    return LoraTrainingResult(out_mp, lora, losses, total_steps, network, list(previews.saved) if previews else [],
+                              checkpointing)
 
 
 def _output_directory() -> str:

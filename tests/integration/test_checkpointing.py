@@ -164,3 +164,43 @@ def test_frozen_tail_layers_of_a_piece_are_not_recomputed(setup):
         torch.testing.assert_close(grads[name], reference[name], rtol=1e-5, atol=1e-7)
     assert calls["first conv"] == 2
     assert calls["second conv"] == 1
+
+
+def test_attention_is_not_recomputed_and_gradients_stay_exact(setup, monkeypatch):
+    """With training's attention, a checkpointed piece keeps attention's output for its recompute:
+    the flash kernel's forward runs once per attention call in a step, and the adapter gradients
+    are those of no checkpointing."""
+    from loralab.sampler import attention as training_attention_module
+    from loralab.sampler.attention import use_fused_attention
+
+    model, network, batch = setup
+    runs = Counter()
+    real = training_attention_module._flash_forward
+
+    def counting(q, k, v):
+        runs["flash"] += 1
+        return real(q, k, v)
+
+    monkeypatch.setattr(training_attention_module, "_flash_forward", counting)
+
+    def grads(depth):
+        patcher = model.clone()
+        assert use_fused_attention(patcher)
+        attach_for_training(patcher, network, bypass=True)
+        if depth:
+            attach_checkpointing(patcher, skip=set(network.names), depth=depth)
+        comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+        network.zero_grad(set_to_none=True)
+        network.requires_grad_(True)
+        runs.clear()
+        with torch.inference_mode(False), torch.enable_grad():
+            model_loss(patcher, *batch, loss_function("MSE")).backward()
+        release_patcher(patcher)
+        return runs["flash"], {n: p.grad.clone() for n, p in network.named_trainables()}
+
+    calls_plain, reference = grads(0)
+    calls_checkpointed, checkpointed = grads(1)
+    assert calls_plain == 14  # 7 transformer blocks, self- and cross-attention each
+    assert calls_checkpointed == calls_plain
+    for name in reference:
+        torch.testing.assert_close(checkpointed[name], reference[name], rtol=1e-5, atol=1e-7)

@@ -204,6 +204,7 @@ def run_driver(argv: list[str]) -> int:
     results["summary"] = summary
     text = report.markdown(results, summary)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "results.md").write_text(text)
     print()

@@ -111,7 +111,7 @@ class TrainLora(io.ComfyNode):
                              tooltip="BOFT: number of butterfly factors; 0 picks the most the layer allows."),
                 # New inputs go last: saved workflows map widget values by position.
                 io.Int.Input("checkpoint_depth", default=1, min=1, max=5, optional=True,
-                             tooltip="How fine the checkpointed pieces are: 1 = whole blocks (least memory), higher = smaller pieces (less recompute per piece)."),
+                             tooltip="How fine the checkpointed pieces are: 1 = whole blocks (least memory), higher = smaller pieces (less recompute per piece). Pieces that free little memory for their recompute (measured before step 1) run unchecked."),
                 io.Int.Input("sample_every", default=0, min=0, max=100000, optional=True,
                              tooltip="Make a preview image every N steps (0 = never). Needs sample_positive and sample_vae."),
                 io.Int.Input("sample_seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, optional=True,

@@ -68,49 +68,38 @@ def use_onednn(*tensors: torch.Tensor) -> bool:
             and not torch.is_autocast_enabled("cpu") and onednn_matmul_is_faster())
 
 
-class _RowsLowRankAdd(torch.autograd.Function):
-    """out [M, N] = base + h @ (c up).T with h = x @ down.T; positions are rows (a Linear)."""
+class _LowRankAdd(torch.autograd.Function):
+    """``base + coefficient * (up @ down) x`` as 2-D products. Rows layout (a Linear): x [M, K],
+    base [M, N], positions are rows. Columns layout (one image of a pointwise conv, channels
+    first): x [K, P], base [N, P], positions are columns."""
 
     @staticmethod
-    def forward(ctx, base, x, up, down, coefficient: float):
-        h = onednn_linear(x, down)
-        out = _onednn_linear_add(h, up * coefficient, base)
+    def forward(ctx, base, x, up, down, coefficient: float, columns: bool):
+        if columns:
+            h = onednn_linear(down, x.t())  # down @ x: [r, P]
+            out = _onednn_linear_add(up * coefficient, h.t(), base)
+        else:
+            h = onednn_linear(x, down)  # x @ down.T: [M, r]
+            out = _onednn_linear_add(h, up * coefficient, base)
         ctx.save_for_backward(x, h, up, down)
-        ctx.coefficient = coefficient
+        ctx.coefficient, ctx.columns = coefficient, columns
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, h, up, down = ctx.saved_tensors
-        c = ctx.coefficient
-        grad_h = onednn_linear(grad, (up * c).t())  # [M, r]
-        grad_up = (onednn_linear(h.t().contiguous(), grad.t()).t() * c).contiguous()  # (h.T @ grad).T: [N, r]
-        grad_down = onednn_linear(grad_h.t().contiguous(), x.t())  # grad_h.T @ x: [r, K]
-        grad_x = onednn_linear(grad_h, down.t()) if ctx.needs_input_grad[1] else None  # [M, K]
-        return grad, grad_x, grad_up, grad_down, None
-
-
-class _ColumnsLowRankAdd(torch.autograd.Function):
-    """out [N, P] = base + (c up) @ h with h = down @ x [r, P]; positions are columns (one image of
-    a pointwise conv, channels first)."""
-
-    @staticmethod
-    def forward(ctx, base, x, up, down, coefficient: float):
-        h = onednn_linear(down, x.t())  # down @ x: [r, P]
-        out = _onednn_linear_add(up * coefficient, h.t(), base)
-        ctx.save_for_backward(x, h, up, down)
-        ctx.coefficient = coefficient
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, h, up, down = ctx.saved_tensors
-        c = ctx.coefficient
-        grad_h = onednn_linear((up * c).t().contiguous(), grad.t())  # (c up).T @ grad: [r, P]
-        grad_up = onednn_linear(grad, h) * c  # grad @ h.T: [N, r]
-        grad_down = onednn_linear(grad_h, x)  # grad_h @ x.T: [r, K]
-        grad_x = onednn_linear(down.t().contiguous(), grad_h.t()) if ctx.needs_input_grad[1] else None  # [K, P]
-        return grad, grad_x, grad_up, grad_down, None
+        c, want_x = ctx.coefficient, ctx.needs_input_grad[1]
+        if ctx.columns:
+            grad_h = onednn_linear((up * c).t().contiguous(), grad.t())  # (c up).T @ grad: [r, P]
+            grad_up = onednn_linear(grad, h) * c  # grad @ h.T: [N, r]
+            grad_down = onednn_linear(grad_h, x)  # grad_h @ x.T: [r, K]
+            grad_x = onednn_linear(down.t().contiguous(), grad_h.t()) if want_x else None  # [K, P]
+        else:
+            grad_h = onednn_linear(grad, (up * c).t())  # grad @ (c up): [M, r]
+            grad_up = (onednn_linear(h.t().contiguous(), grad.t()).t() * c).contiguous()  # (h.T @ grad).T: [N, r]
+            grad_down = onednn_linear(grad_h.t().contiguous(), x.t())  # grad_h.T @ x: [r, K]
+            grad_x = onednn_linear(grad_h, down.t()) if want_x else None  # [M, K]
+        return grad, grad_x, grad_up, grad_down, None, None
 
 
 def low_rank_add_fp32(base_out: torch.Tensor, x: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
@@ -122,10 +111,10 @@ def low_rank_add_fp32(base_out: torch.Tensor, x: torch.Tensor, up: torch.Tensor,
     pointwise conv."""
     up, down = up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
     if not pointwise_conv:
-        out = _RowsLowRankAdd.apply(base_out.reshape(-1, up.shape[0]), x.reshape(-1, down.shape[1]), up, down,
-                                    coefficient)
+        out = _LowRankAdd.apply(base_out.reshape(-1, up.shape[0]), x.reshape(-1, down.shape[1]), up, down,
+                                coefficient, False)
         return out.view(base_out.shape)
     batch = x.shape[0]
-    images = [_ColumnsLowRankAdd.apply(base_out[i].reshape(up.shape[0], -1), x[i].reshape(down.shape[1], -1),
-                                       up, down, coefficient) for i in range(batch)]
+    images = [_LowRankAdd.apply(base_out[i].reshape(up.shape[0], -1), x[i].reshape(down.shape[1], -1),
+                                up, down, coefficient, True) for i in range(batch)]
     return torch.stack(images).view(base_out.shape) if batch > 1 else images[0].view(base_out.shape)

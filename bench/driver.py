@@ -52,13 +52,14 @@ class Plan:
         ("base", {}), ("batch", {"batch": 2}), ("batch", {"batch": 4}), ("resolution", {"size": 128}),
         ("resolution", {"size": 384}), ("rank", {"rank": 4}), ("rank", {"rank": 16}), ("rank", {"rank": 64})])
     base: dict = field(default_factory=lambda: {"batch": 1, "size": 256, "rank": 8})
-    depth_steps: int = 3
+    depth_steps: int = 4
+    depth_rounds: int = 2
     depths: tuple = (0, 1, 2, 3, 4, 5)  # 0 = checkpointing off
 
 
 def quick_plan() -> Plan:
     return Plan(rounds=1, steps=2, arms=("native", "ours"), default_steps=2, cost_steps=2,
-                cost_cells=[("base", {}), ("resolution", {"size": 128})], depth_steps=2, depths=(0, 1))
+                cost_cells=[("base", {}), ("resolution", {"size": 128})], depth_steps=2, depth_rounds=1, depths=(0, 1))
 
 
 class WorkerError(RuntimeError):
@@ -133,14 +134,15 @@ def run_cost(run: Runner, plan: Plan, encoded: dict) -> list[dict]:
 
 
 def run_depth(run: Runner, plan: Plan, encoded: dict) -> list[dict]:
-    """Ours at each checkpoint_depth (and with checkpointing off): the memory/speed trade-off."""
-    rows = []
-    for depth in plan.depths:
-        extra = ["--side", "ours", "--dtype", "fp32"] + (["--no-checkpointing"] if depth == 0 else ["--depth", depth])
-        result = run(*worker_args(plan, encoded, plan.depth_steps, extra),
-                     label=f"checkpoint depth {depth or 'off'}")
-        rows.append({"depth": depth, "result": result})
-    return rows
+    """Ours at each checkpoint_depth (and with checkpointing off): the memory/speed trade-off, in
+    ``depth_rounds`` rounds that go through every depth in turn (this VM's speed drifts)."""
+    runs = {depth: [] for depth in plan.depths}
+    for r in range(plan.depth_rounds):
+        for depth in plan.depths:
+            extra = ["--side", "ours", "--dtype", "fp32"] + (["--no-checkpointing"] if depth == 0 else ["--depth", depth])
+            runs[depth].append(run(*worker_args(plan, encoded, plan.depth_steps, extra),
+                                   label=f"checkpoint depth {depth or 'off'} (round {r + 1})"))
+    return [{"depth": depth, "results": results} for depth, results in runs.items()]
 
 
 def machine_info() -> dict:

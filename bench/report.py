@@ -69,10 +69,13 @@ def summarize(results: dict) -> dict:
                     {"s_per_step": r["median_s_per_step"], "s_per_image": r["median_s_per_step"] / row["batch"],
                      "train_mem_mib": r["train_mem_mib"], "process_peak_mib": r["process_peak_mib"],
                      "trainable_params": r["trainable_params"]})
-    depth = [{"depth": row["depth"], "s_per_step": row["result"]["median_s_per_step"],
-              "train_mem_mib": row["result"]["train_mem_mib"], "process_peak_mib": row["result"]["process_peak_mib"],
-              "checkpointing": row["result"].get("checkpointing", "")}
-             for row in results.get("depth", [])]
+    depth = []
+    for row in results.get("depth", []):
+        runs = row.get("results") or [row["result"]]  # one run per depth in results of older benches
+        depth.append({"depth": row["depth"], "s_per_step": _median(_pooled_steps(runs)),
+                      "train_mem_mib": _median([r["train_mem_mib"] for r in runs]),
+                      "process_peak_mib": _median([r["process_peak_mib"] for r in runs]),
+                      "checkpointing": runs[0].get("checkpointing", "")})
     return {"fp32": fp32, "defaults": defaults, "cost": cost, "depth": depth}
 
 
@@ -234,7 +237,8 @@ def markdown(results: dict, summary: dict) -> str:
                   *_cost_table(summary["cost"])]
     if summary.get("depth"):
         lines += ["", f"## Gradient checkpointing: memory/speed at each checkpoint_depth (LoRA Lab, fp32, bypass, "
-                      f"batch {base['batch']}, {base['size']} px, rank {base['rank']}, {plan['depth_steps']} steps each)", "",
+                      f"batch {base['batch']}, {base['size']} px, rank {base['rank']}, {plan.get('depth_rounds', 1)} round(s) of "
+                      f"{plan['depth_steps']} steps each, medians over all steps)", "",
                   *_depth_table(summary["depth"]), "",
                   "Depth 1 checkpoints whole blocks (fewest stored activations); each deeper level checkpoints "
                   "smaller pieces, so fewer activations are recomputed per piece but more piece boundaries are kept. "

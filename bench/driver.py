@@ -41,7 +41,7 @@ ARMS = {
 
 @dataclass
 class Plan:
-    rounds: int = 3
+    rounds: int = 5
     steps: int = 8  # fp32 A/B runs; held-out loss is taken after these
     arms: tuple = ("native", "ours", "ours_matched")
     default_rounds: int = 1

@@ -56,8 +56,11 @@ def summarize(results: dict) -> dict:
     peak = results["peak"]
     fp32 = {arm: summarize_arm(runs, peak) for arm, runs in results["fp32"].items()}
     native = fp32.get("native", {}).get("s_per_step")
+    native_rounds = fp32.get("native", {}).get("run_medians", [])
     for arm, s in fp32.items():
         s["speedup_vs_native"] = native / s["s_per_step"] if native and s["s_per_step"] else None
+        # Same-round ratios: the runs of one round ran within a minute or two of each other.
+        s["round_speedups"] = [n / m for n, m in zip(native_rounds, s["run_medians"]) if m]
     defaults = {side: summarize_arm(runs, peak) for side, runs in results.get("defaults", {}).items() if runs}
     native_d = defaults.get("native", {}).get("s_per_step")
     for s in defaults.values():
@@ -97,12 +100,13 @@ def _speed_table(arms: dict) -> list[str]:
     rows = []
     for arm, s in arms.items():
         runs = ", ".join(f"{m:.2f}" for m in s["run_medians"])
+        rounds = ", ".join(f"{r:.2f}x" for r in s.get("round_speedups", [])) or "–"
         rows.append([ARM_LABELS.get(arm, arm), f"{s['training_dtype']} / {s['lora_dtype']}", _f(s["s_per_step"]),
-                     f"{runs}", _f(s["speedup_vs_native"], "{:.2f}x"), _f(s["train_mem_mib"], "{:.0f} MiB"),
+                     f"{runs}", _f(s["speedup_vs_native"], "{:.2f}x"), rounds, _f(s["train_mem_mib"], "{:.0f} MiB"),
                      _f(s["process_peak_mib"], "{:.0f} MiB"),
                      f"{s['trainable_params']:,} ({s['adapted_layers']} layers + {s['norm_bias_offsets']} offsets)"])
     return _table(["trainer", "train / adapter dtype", "s/step (median)", "per-run medians", "speed vs native",
-                   "training memory", "process peak RSS", "trainable parameters"], rows)
+                   "same-round speed vs native", "training memory", "process peak RSS", "trainable parameters"], rows)
 
 
 def _flops_table(arms: dict, peak: dict) -> list[str]:
@@ -256,7 +260,9 @@ NOTES = [
     "- **s/step**: native is timed through ComfyUI's progress hook (`comfy.utils.set_progress_bar_global_hook`; "
     "its TrainSampler updates the ProgressBar once per optimizer step, so a step is the gap between two updates); "
     "LoRA Lab through `train_lora(on_step=...)` (`StepReport.seconds`). Step 1 of every run is left out; the figure "
-    "is the median over the remaining steps of all runs of that trainer. Speed vs native = native s/step ÷ this s/step.",
+    "is the median over the remaining steps of all runs of that trainer. Speed vs native = native s/step ÷ this s/step "
+    "(the figure the targets use); same-round speed vs native = the same ratio of the two runs of each round, which "
+    "ran a minute or two apart, so it shows how much this VM's drift moves the figure.",
     "- **training memory**: peak RSS while the trainer runs (its setup included) minus the RSS just before it is "
     "called, with the model loaded and the data encoded. The peak is Linux's VmHWM after resetting it with "
     "`echo 5 > /proc/self/clear_refs` just before training (a 5 ms VmRSS sampling thread where that reset does not "

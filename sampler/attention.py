@@ -4,9 +4,8 @@ Without a GPU attention backend ComfyUI falls back to sub-quadratic or split att
 materialise the score matrix in chunks (baddbmm + softmax + bmm) and whose backward re-reads it.
 torch's CPU flash-attention kernels compute the same attention with fused forward and backward
 kernels. Training calls them through ``_CpuFlashAttention``, whose output and log-sum-exp a
-checkpointed piece keeps for its recompute (see checkpointing.reuse_in_recompute): the backward
-needs them anyway, they are a few MiB, and recomputing them is the most expensive part of a
-transformer block's recompute per byte. The override goes into the training clone's
+checkpointed piece keeps for its recompute where they are worth keeping (recompute_reuse): over a
+long sequence they are a few MiB for the costliest part of a transformer block's recompute. The override goes into the training clone's
 transformer_options only, so sampling elsewhere in the graph keeps the user's choice, and an
 override the user already set wins.
 """
@@ -16,7 +15,7 @@ import logging
 
 import torch
 
-from .checkpointing import reuse_in_recompute
+from .recompute_reuse import reuse_in_recompute
 
 log = logging.getLogger("loralab")
 
@@ -57,7 +56,9 @@ class _CpuFlashAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v):
-        out, lse = reuse_in_recompute(lambda: _flash_forward(q, k, v))
+        flops = 4 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3]
+        nbytes = q.numel() * q.element_size() + q.shape[0] * q.shape[1] * q.shape[2] * 4  # output, log-sum-exp
+        out, lse = reuse_in_recompute(lambda: _flash_forward(q, k, v), flops, nbytes)
         ctx.save_for_backward(q, k, v, out, lse)
         return out
 

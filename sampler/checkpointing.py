@@ -19,14 +19,13 @@ nothing:
 """
 from __future__ import annotations
 
-import contextvars
-
 import torch
 import torch.utils.checkpoint
 
 from comfy.patcher_extension import PatcherInjection
 
-from .checkpoint_plan import PieceMeter, choose_pieces, describe
+from .checkpoint_plan import DENSITY_SHARE, PieceMeter, choose_pieces, describe
+from .recompute_reuse import with_kept_results
 
 CHECKPOINT_KEY = "loralab_checkpointing"
 CONTAINERS = (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)
@@ -86,6 +85,7 @@ class CheckpointPlan:
         self.meter = PieceMeter()
         self.chosen: set[str] | None = None  # None: not measured, every unit is checkpointed
         self.costs: dict = {}
+        self.keep_below: float | None = None  # bytes per FLOP under which a piece keeps a result
 
     def __len__(self) -> int:
         return len(self.names)
@@ -98,43 +98,9 @@ class CheckpointPlan:
         every unit and keeps the ones worth checkpointing; returns a line for the log."""
         self.costs = self.meter.measure(forward)
         self.chosen = choose_pieces(self.costs)
+        densest = max((c.density for c in self.costs.values() if c.saved_bytes), default=0.0)
+        self.keep_below = DENSITY_SHARE * densest or None
         return describe(self.costs, self.chosen)
-
-
-# The reuse list of the checkpointed piece running now (its forward or its recompute), if any.
-_PIECE_RESULTS: contextvars.ContextVar[list | None] = contextvars.ContextVar("loralab_piece_results", default=None)
-
-
-def reuse_in_recompute(compute):
-    """``compute()``, except in the recompute of a checkpointed piece, which gets back what the same
-    call returned in the piece's forward, in call order, without computing it again.
-
-    For results that are small next to the work they cost (attention's output and log-sum-exp): they
-    are kept from the forward to the backward instead of recomputed. Outside a checkpointed piece
-    this is just ``compute()``. Tensors come back detached; the caller builds the autograd node.
-    """
-    results = _PIECE_RESULTS.get()
-    if results is None:
-        return compute()
-    if torch._C._current_graph_task_id() < 0:  # the piece's forward
-        value = compute()
-        results.append(tuple(t.detach() for t in value) if isinstance(value, tuple) else value.detach())
-        return value
-    value = results.pop(0)
-    return tuple(t.detach() for t in value) if isinstance(value, tuple) else value.detach()
-
-
-def _with_results(forward):
-    """``forward`` run with a fresh reuse list, shared by its forward and its recompute."""
-    results: list = []
-
-    def run(*args, **kwargs):
-        token = _PIECE_RESULTS.set(results)
-        try:
-            return forward(*args, **kwargs)
-        finally:
-            _PIECE_RESULTS.reset(token)
-    return run
 
 
 def _checkpointed(name: str, forward, plan: CheckpointPlan):
@@ -144,7 +110,8 @@ def _checkpointed(name: str, forward, plan: CheckpointPlan):
             return plan.meter.run(name, forward, args, kwargs)
         if not torch.is_grad_enabled() or not plan.checkpoints(name):
             return forward(*args, **kwargs)
-        return torch.utils.checkpoint.checkpoint(_with_results(forward), *args, use_reentrant=False, **kwargs)
+        return torch.utils.checkpoint.checkpoint(with_kept_results(forward, plan.keep_below), *args,
+                                                 use_reentrant=False, **kwargs)
     return run
 
 

@@ -9,7 +9,10 @@ cast again where it was cast, so a cast copy lives only while its matmul runs.
 
 Keeping nothing also makes gradient checkpointing cheaper: its recompute stops as soon as every
 tensor the backward needs is back, so layers at the end of a checkpointed piece that nothing
-after them needs (a ResBlock's second conv and its skip conv) are not recomputed at all.
+after them needs (a ResBlock's second conv and its skip conv) are not recomputed at all. And a
+Linear that narrows its input a lot (a feed-forward's output layer, 4C -> C) keeps its output
+from a checkpointed piece's forward for its recompute, where that is worth the memory (see
+recompute_reuse).
 
 On CPUs, a frozen Linear's fp32 forward and backward run on whichever matmul kernel measured
 faster here, torch's default (MKL) or oneDNN (see adapters/cpu_kernels).
@@ -22,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from ..adapters.cpu_kernels import onednn_linear, onednn_matmul_is_faster
+from .recompute_reuse import reuse_in_recompute
 
 CONVS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 FROZEN_KEY = "loralab_frozen_layers"
@@ -65,10 +69,17 @@ class _FrozenLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layer: LayerWeights, onednn: bool):
         ctx.layer, ctx.onednn = layer, onednn
-        weight, bias, release = layer.fetch()
-        out = _matmul(x, weight, bias, onednn)
-        release()
-        return out
+
+        def compute():
+            weight, bias, release = layer.fetch()
+            out = _matmul(x, weight, bias, onednn)
+            release()
+            return out
+
+        out_features, in_features = layer.module.weight.shape
+        rows = x.numel() // in_features
+        return reuse_in_recompute(compute, 2 * rows * in_features * out_features,
+                                  rows * out_features * x.element_size())
 
     @staticmethod
     def backward(ctx, grad_out):

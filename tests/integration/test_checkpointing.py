@@ -166,41 +166,68 @@ def test_frozen_tail_layers_of_a_piece_are_not_recomputed(setup):
     assert calls["second conv"] == 1
 
 
-def test_attention_is_not_recomputed_and_gradients_stay_exact(setup, monkeypatch):
-    """With training's attention, a checkpointed piece keeps attention's output for its recompute:
-    the flash kernel's forward runs once per attention call in a step, and the adapter gradients
-    are those of no checkpointing."""
+def test_results_worth_keeping_are_not_recomputed_and_gradients_stay_exact(setup, monkeypatch):
+    """At 256 px, the measured plan's exchange rate keeps a long self-attention's output (1024
+    tokens: 1 byte per 1000 FLOPs) from a checkpointed piece's forward for its recompute, and
+    recomputes the short ones (256 tokens, or 77 context tokens); the feed-forward output layer
+    (4C -> C) keeps its output too. Adapter gradients stay those of no checkpointing."""
     from loralab.sampler import attention as training_attention_module
+    from loralab.sampler import frozen_layers
     from loralab.sampler.attention import use_fused_attention
 
-    model, network, batch = setup
-    runs = Counter()
-    real = training_attention_module._flash_forward
+    model, network, (x0, conds, noise, sigma) = setup
+    batch = (torch.nn.functional.interpolate(x0, size=(32, 32)), conds,
+             torch.nn.functional.interpolate(noise, size=(32, 32)), sigma)  # 256 px latents
+    flash = Counter()
+    real_flash = training_attention_module._flash_forward
 
-    def counting(q, k, v):
-        runs["flash"] += 1
-        return real(q, k, v)
+    def counting_flash(q, k, v):
+        flash[(q.shape[2], k.shape[2])] += 1
+        return real_flash(q, k, v)
 
-    monkeypatch.setattr(training_attention_module, "_flash_forward", counting)
+    matmuls = Counter()
+    real_matmul = frozen_layers._matmul
+
+    def counting_matmul(x, weight, bias, onednn):
+        matmuls[(*weight.shape, x.numel() // x.shape[-1])] += 1
+        return real_matmul(x, weight, bias, onednn)
+
+    monkeypatch.setattr(training_attention_module, "_flash_forward", counting_flash)
+    monkeypatch.setattr(frozen_layers, "_matmul", counting_matmul)
 
     def grads(depth):
         patcher = model.clone()
         assert use_fused_attention(patcher)
         attach_for_training(patcher, network, bypass=True)
-        if depth:
-            attach_checkpointing(patcher, skip=set(network.names), depth=depth)
+        plan = attach_checkpointing(patcher, skip=set(network.names), depth=depth) if depth else None
         comfy.model_management.load_models_gpu([patcher], force_full_load=True)
         network.zero_grad(set_to_none=True)
         network.requires_grad_(True)
-        runs.clear()
         with torch.inference_mode(False), torch.enable_grad():
+            if plan is not None:
+                plan.measure(lambda: model_loss(patcher, *batch, loss_function("MSE")))
+            flash.clear()
+            matmuls.clear()
             model_loss(patcher, *batch, loss_function("MSE")).backward()
         release_patcher(patcher)
-        return runs["flash"], {n: p.grad.clone() for n, p in network.named_trainables()}
+        return {n: p.grad.clone() for n, p in network.named_trainables()}
 
-    calls_plain, reference = grads(0)
-    calls_checkpointed, checkpointed = grads(1)
-    assert calls_plain == 14  # 7 transformer blocks, self- and cross-attention each
-    assert calls_checkpointed == calls_plain
+    reference = grads(0)
+    plain_flash, plain_matmuls = dict(flash), dict(matmuls)
+    checkpointed = grads(1)
     for name in reference:
         torch.testing.assert_close(checkpointed[name], reference[name], rtol=1e-5, atol=1e-7)
+    # 3 level-1 transformers (1024 tokens), 4 level-2 (256 tokens); each with a 77-token cross-attention
+    assert plain_flash == {(1024, 1024): 3, (256, 256): 4, (1024, 77): 3, (256, 77): 4}
+    # 2 of each kind are recomputed at level 1 (the third runs last), all 4 at level 2
+    assert dict(flash) == {(1024, 1024): 3, (256, 256): 4 + 4, (1024, 77): 3 + 2, (256, 77): 4 + 4}
+    # forward products are keyed by the weight's [out, in] shape and the tokens of the batch of 2
+    # (the backward's by the weight's transpose)
+    ff_out = {(320, 1280, 2048): 3, (640, 2560, 512): 4}  # the feed-forward output layers: kept
+    for shape, count in ff_out.items():
+        assert plain_matmuls[shape] == count
+        assert matmuls[shape] == count
+    ff_in = {(2560, 320, 2048): 3, (5120, 640, 512): 4}  # the feed-forward input layers (C -> 8C): recomputed
+    for shape, count in ff_in.items():
+        assert plain_matmuls[shape] == count
+        assert matmuls[shape] > count

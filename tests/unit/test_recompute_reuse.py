@@ -1,20 +1,22 @@
-"""reuse_in_recompute: a checkpointed piece's recompute gets back what its forward computed."""
+"""reuse_in_recompute: a checkpointed piece's recompute gets back what its forward computed, for the
+results worth keeping at the piece's exchange rate of bytes per FLOP."""
 import torch
 import torch.utils.checkpoint
 
-from loralab.sampler.checkpointing import _with_results, reuse_in_recompute
+from loralab.sampler.recompute_reuse import reuse_in_recompute, with_kept_results
 
 
 class Expensive(torch.autograd.Function):
-    """x * 3, whose forward result is asked for through reuse_in_recompute; counts its forwards."""
+    """x * 3, asked for through reuse_in_recompute as costing ``FLOPS`` FLOPs; counts its forwards."""
     runs = 0
+    FLOPS = 1_000_000
 
     @staticmethod
     def forward(ctx, x):
         def compute():
             Expensive.runs += 1
             return x * 3
-        out = reuse_in_recompute(compute)
+        out = reuse_in_recompute(compute, Expensive.FLOPS, x.numel() * x.element_size())
         ctx.save_for_backward(out)
         return out
 
@@ -29,21 +31,33 @@ def piece(x):
 
 
 def _grad(run):
-    x = torch.linspace(-1, 1, 12, requires_grad=True)
+    x = torch.linspace(-1, 1, 12, requires_grad=True)  # 48 bytes
     Expensive.runs = 0
     run(x).sum().backward()
     return x.grad, Expensive.runs
 
 
-def test_a_checkpointed_piece_computes_once_and_gets_the_same_gradient():
+def _checkpointed(keep_below):
+    return lambda x: torch.utils.checkpoint.checkpoint(with_kept_results(piece, keep_below), x, use_reentrant=False)
+
+
+def test_a_result_worth_keeping_is_computed_once_with_the_same_gradient():
     reference, plain_runs = _grad(piece)
-    got, checkpointed_runs = _grad(lambda x: torch.utils.checkpoint.checkpoint(
-        _with_results(piece), x, use_reentrant=False))
+    got, checkpointed_runs = _grad(_checkpointed(keep_below=1e-3))  # 48 bytes < 1e-3 * 1e6 FLOPs
     torch.testing.assert_close(got, reference)
     assert plain_runs == 1
-    assert checkpointed_runs == 1  # the recompute reused the forward's result
+    assert checkpointed_runs == 1  # the recompute got the forward's result back
+
+
+def test_a_result_too_large_for_its_cost_is_recomputed():
+    reference, _ = _grad(piece)
+    got, runs = _grad(_checkpointed(keep_below=1e-5))  # 48 bytes > 1e-5 * 1e6 FLOPs
+    torch.testing.assert_close(got, reference)
+    assert runs == 2
 
 
 def test_outside_a_checkpointed_piece_it_always_computes():
     _, runs = _grad(lambda x: torch.utils.checkpoint.checkpoint(piece, x, use_reentrant=False))
     assert runs == 2  # plain checkpointing: the forward, then the recompute
+    _, runs = _grad(_checkpointed(keep_below=None))  # a plan that has not measured keeps nothing
+    assert runs == 2

@@ -22,6 +22,8 @@ patched in low-VRAM mode) or with string padding run their own forward, unchange
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..adapters.cpu_kernels import onednn_linear, onednn_matmul_is_faster
@@ -91,6 +93,13 @@ class _FrozenLinear(torch.autograd.Function):
         return grad_in, None, None
 
 
+def _conv_output_shape(shape, module) -> tuple[int, ...]:
+    """The output shape of ``module`` (numeric padding) for an input of ``shape``."""
+    spatial = [(size + 2 * pad - dil * (k - 1) - 1) // stride + 1 for size, pad, dil, k, stride in
+               zip(shape[2:], module.padding, module.dilation, module.kernel_size, module.stride)]
+    return (shape[0], module.out_channels, *spatial)
+
+
 def _conv(x, weight, bias, module):
     conv = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)[weight.ndim - 3]
     return conv(x, weight, bias, module.stride, module.padding, module.dilation, module.groups)
@@ -100,10 +109,18 @@ class _FrozenConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layer: LayerWeights):
         ctx.layer, ctx.input_shape = layer, x.shape
-        weight, bias, release = layer.fetch()
-        out = _conv(x, weight, bias, layer.module)
-        release()
-        return out
+
+        def compute():
+            weight, bias, release = layer.fetch()
+            out = _conv(x, weight, bias, layer.module)
+            release()
+            return out
+
+        weight = layer.module.weight  # [out, in / groups, *kernel]
+        out_shape = _conv_output_shape(x.shape, layer.module)
+        positions = math.prod(out_shape[2:]) * out_shape[0]
+        flops = 2 * positions * weight.numel()
+        return reuse_in_recompute(compute, flops, math.prod(out_shape) * x.element_size())
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -130,3 +130,11 @@ def test_the_kernel_choice_is_measured_once_and_is_a_bool():
     assert isinstance(first, bool)
     assert onednn_matmul_is_faster() is first
     assert onednn_matmul_is_faster.cache_info().hits >= 1
+
+
+@pytest.mark.parametrize("kind", [k for k in LAYERS if "conv" in k])
+def test_conv_output_shape_is_the_layers(kind):
+    from loralab.sampler.frozen_layers import _conv_output_shape
+    make, shape = LAYERS[kind]
+    layer = make()
+    assert _conv_output_shape(torch.Size(shape), layer) == tuple(layer(torch.randn(shape)).shape)

@@ -1,8 +1,10 @@
 """reuse_in_recompute: a checkpointed piece's recompute gets back what its forward computed, for the
 results worth keeping at the piece's exchange rate of bytes per FLOP."""
+import pytest
 import torch
 import torch.utils.checkpoint
 
+from loralab.sampler.frozen_layers import frozen_forward
 from loralab.sampler.recompute_reuse import reuse_in_recompute, with_kept_results
 
 
@@ -61,3 +63,32 @@ def test_outside_a_checkpointed_piece_it_always_computes():
     assert runs == 2  # plain checkpointing: the forward, then the recompute
     _, runs = _grad(_checkpointed(keep_below=None))  # a plan that has not measured keeps nothing
     assert runs == 2
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_frozen_layers_keep_their_output_for_the_recompute_when_it_is_worth_it(kind, monkeypatch):
+    """A frozen layer inside a checkpointed piece, whose output a norm keeps for the backward: with
+    a generous exchange rate its product runs once a step, with a strict one twice."""
+    from loralab.sampler import frozen_layers
+    layer = (torch.nn.Linear(64, 16) if kind == "linear" else torch.nn.Conv2d(16, 8, 3, padding=1)).requires_grad_(False)
+    norm = torch.nn.LayerNorm(16) if kind == "linear" else torch.nn.GroupNorm(4, 8)
+    forward = frozen_forward(layer)
+    runs = []
+    real = frozen_layers._matmul if kind == "linear" else frozen_layers._conv
+    name = "_matmul" if kind == "linear" else "_conv"
+    monkeypatch.setattr(frozen_layers, name, lambda *a: runs.append(1) or real(*a))
+
+    def piece(x):
+        return norm(forward(layer, x.sin()))
+
+    x = torch.randn((4, 64) if kind == "linear" else (1, 16, 6, 6), requires_grad=True)
+    grads = []
+    for keep_below in (1.0, 1e-9):
+        runs.clear()
+        x.grad = None
+        torch.utils.checkpoint.checkpoint(with_kept_results(piece, keep_below), x, use_reentrant=False).sum().backward()
+        grads.append(x.grad.clone())
+        # the forward, the recompute unless kept, and for a Linear the backward's input gradient
+        once = 2 if kind == "linear" else 1
+        assert len(runs) == (once if keep_below == 1.0 else once + 1)
+    torch.testing.assert_close(grads[0], grads[1])

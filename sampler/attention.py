@@ -29,7 +29,7 @@ def _slow_fallbacks() -> tuple:
 
 
 def use_fused_attention(model_patcher) -> bool:
-    """Routes the patcher's attention to torch SDPA when ComfyUI picked a chunked fallback.
+    """Routes the patcher's attention to torch's fused kernels when ComfyUI picked a chunked fallback.
     Returns True when the override was set."""
     from comfy.ldm.modules import attention
     if not hasattr(attention, "attention_pytorch") or attention.optimized_attention not in _slow_fallbacks():
@@ -42,7 +42,7 @@ def use_fused_attention(model_patcher) -> bool:
         return training_attention(*args, **kwargs)
 
     options[OVERRIDE_KEY] = fused
-    log.info("LoRA Lab: training with torch scaled-dot-product attention instead of %s",
+    log.info("LoRA Lab: training with torch's fused attention kernels (flash attention on the CPU) instead of %s",
              attention.optimized_attention.__name__)
     return True
 

@@ -110,10 +110,16 @@ def _never_unpacked(_):
     raise RuntimeError("the measuring forward of gradient checkpointing is never back-propagated")
 
 
+def exchange_rate(costs: dict[str, PieceCost], share: float = DENSITY_SHARE) -> float:
+    """Bytes per FLOP of recompute below which memory is not worth the compute: ``share`` of the
+    densest piece's (0 when no piece saves anything)."""
+    return share * max((c.density for c in costs.values() if c.saved_bytes), default=0.0)
+
+
 def choose_pieces(costs: dict[str, PieceCost], share: float = DENSITY_SHARE) -> set[str]:
-    """The pieces worth checkpointing: those saving anything, at ``share`` of the best density or more."""
-    densest = max((c.density for c in costs.values() if c.saved_bytes), default=0.0)
-    return {name for name, c in costs.items() if c.saved_bytes and c.density >= share * densest}
+    """The pieces worth checkpointing: those saving anything, at the exchange rate or above it."""
+    rate = exchange_rate(costs, share)
+    return {name for name, c in costs.items() if c.saved_bytes and c.density >= rate}
 
 
 def describe(costs: dict[str, PieceCost], chosen: set[str]) -> str:

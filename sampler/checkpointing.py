@@ -24,7 +24,7 @@ import torch.utils.checkpoint
 
 from comfy.patcher_extension import PatcherInjection
 
-from .checkpoint_plan import DENSITY_SHARE, PieceMeter, choose_pieces, describe
+from .checkpoint_plan import PieceMeter, choose_pieces, describe, exchange_rate
 from .recompute_reuse import with_kept_results
 
 CHECKPOINT_KEY = "loralab_checkpointing"
@@ -98,8 +98,7 @@ class CheckpointPlan:
         every unit and keeps the ones worth checkpointing; returns a line for the log."""
         self.costs = self.meter.measure(forward)
         self.chosen = choose_pieces(self.costs)
-        densest = max((c.density for c in self.costs.values() if c.saved_bytes), default=0.0)
-        self.keep_below = DENSITY_SHARE * densest or None
+        self.keep_below = exchange_rate(self.costs) or None
         return describe(self.costs, self.chosen)
 
 

@@ -26,6 +26,7 @@ import math
 
 import torch
 
+from ..adapters.base import conv_fn
 from ..adapters.cpu_kernels import onednn_linear, onednn_matmul_is_faster
 from .recompute_reuse import reuse_in_recompute
 
@@ -101,8 +102,7 @@ def _conv_output_shape(shape, module) -> tuple[int, ...]:
 
 
 def _conv(x, weight, bias, module):
-    conv = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)[weight.ndim - 3]
-    return conv(x, weight, bias, module.stride, module.padding, module.dilation, module.groups)
+    return conv_fn(weight.ndim - 2)(x, weight, bias, module.stride, module.padding, module.dilation, module.groups)
 
 
 class _FrozenConv(torch.autograd.Function):

@@ -17,13 +17,13 @@ import torch
 import comfy.model_management
 
 from ..adapters.attach import attach_bypass, attach_weight_wrappers, bypass_hooks
+from ..adapters.cpu_kernels import onednn_matmul_is_faster
 from ..adapters.keys import kohya_layer_names, to_comfy_keys
 from ..adapters.metadata import LoraStateDict, base_model_name, steps_from_metadata, training_metadata
 from ..adapters.network import AdapterNetwork
 from ..adapters.targets import DEFAULT_PRESET, select_targets
 from .attention import use_fused_attention
 from .checkpointing import attach_checkpointing
-from ..adapters.cpu_kernels import onednn_matmul_is_faster
 from .frozen_layers import attach_frozen_layers, frozen_forward
 from .dtypes import resolve_lora_dtype, resolve_training_dtype
 from .previews import RunPreviews, show_on_node

@@ -2,9 +2,9 @@
 
 FlopCounterMode counts the FLOPs of matmuls, convolutions and attention kernels as dispatched
 (with the pack's formulas for the CPU flash-attention kernels and oneDNN's linear, which torch's
-registry leaves out), so it counts what actually ran: the recomputation of gradient checkpointing, and a weight wrapper's
-``W + up @ down`` on every forward, are included. Elementwise work (norms, activations, the
-optimizer) is not counted; it is small next to the convolutions here.
+registry leaves out), so it counts what actually ran: the recomputation of gradient checkpointing,
+and a weight wrapper's ``W + up @ down`` on every forward, are included. Elementwise work (norms,
+activations, the optimizer) is not counted; it is small next to the convolutions here.
 """
 from __future__ import annotations
 
@@ -41,7 +41,10 @@ def _matmul_kernels(dtype: torch.dtype, device: str) -> dict:
     (which frozen layers use where it is faster; torch's fp32 mm goes to MKL)."""
     kernels = {"torch.mm": torch.mm}
     if device == "cpu" and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-        kernels["oneDNN linear"] = lambda a, b: torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
+        from devkit.pack import import_pack
+        import_pack()  # needs no running ComfyUI
+        from loralab.adapters.cpu_kernels import onednn_linear
+        kernels["oneDNN linear"] = lambda a, b: onednn_linear(a, b.t())
     return kernels
 
 

@@ -83,7 +83,8 @@ def run_worker(args: argparse.Namespace) -> int:
             counts[steps] = counter
         result["flops_per_step"] = counts[2].total - counts[1].total
         result["flops_setup"] = 2 * counts[1].total - counts[2].total
-        result["flops_by_op"] = {op: n - counts[1].by_operator().get(op, 0) for op, n in counts[2].by_operator().items()}
+        one_step = counts[1].by_operator()
+        result["flops_by_op"] = {op: n - one_step.get(op, 0) for op, n in counts[2].by_operator().items()}
     result["loadavg_end"] = os.getloadavg()[0]
     emit(result)
     return 0

@@ -5,9 +5,9 @@ materialise the score matrix in chunks (baddbmm + softmax + bmm) and whose backw
 torch's CPU flash-attention kernels compute the same attention with fused forward and backward
 kernels. Training calls them through ``_CpuFlashAttention``, whose output and log-sum-exp a
 checkpointed piece keeps for its recompute where they are worth keeping (recompute_reuse): over a
-long sequence they are a few MiB for the costliest part of a transformer block's recompute. The override goes into the training clone's
-transformer_options only, so sampling elsewhere in the graph keeps the user's choice, and an
-override the user already set wins.
+long sequence they are a few MiB for the costliest part of a transformer block's recompute. The
+override goes into the training clone's transformer_options only, so sampling elsewhere in the
+graph keeps the user's choice, and an override the user already set wins.
 """
 from __future__ import annotations
 

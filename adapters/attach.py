@@ -18,22 +18,31 @@ BYPASS_KEY = "loralab_bypass"
 
 
 def own_forward(module: torch.nn.Module):
-    """The layer class's own forward: what a hooked layer computes before its adapter is added."""
-    return type(module).forward
+    """The layer class's own forward, plus a bias offset on its output (``output_bias``): what a
+    hooked layer computes before its adapter is added."""
+    own = type(module).forward
+    linear = isinstance(module, torch.nn.Linear)  # bias on the last axis; a conv's on axis 1
+
+    def forward(module, x, *args, output_bias: torch.Tensor | None = None, **kwargs):
+        out = own(module, x, *args, **kwargs)
+        if output_bias is None:
+            return out
+        shape = (-1,) if linear else (-1, *([1] * (out.ndim - 2)))
+        return out + output_bias.to(out.dtype).view(shape)
+
+    return forward
 
 
 def _hooked_forward(module: torch.nn.Module, adapter, output_bias: torch.Tensor | None, strength: float,
                     base_forward_of=own_forward):
     base_forward = base_forward_of(module)
-    linear = isinstance(module, torch.nn.Linear)  # bias on the last axis; a conv's on axis 1
 
     def forward(x, *args, **kwargs):
+        if output_bias is not None:
+            kwargs["output_bias"] = output_bias if strength == 1.0 else output_bias * strength
         out = base_forward(module, x, *args, **kwargs)
         if adapter is not None:
             out = adapter.bypass(x, out, module, strength)
-        if output_bias is not None:
-            shape = (-1,) if linear else (-1, *([1] * (out.ndim - 2)))
-            out = out + (output_bias * strength).to(out.dtype).view(shape)
         return out
 
     return forward
@@ -51,7 +60,8 @@ def bypass_hooks(network: AdapterNetwork, diffusion_model: torch.nn.Module) -> d
 def attach_bypass(model_patcher, network: AdapterNetwork, strength: float = 1.0, base_forward_of=own_forward) -> None:
     """Registers forward hooks for every adapter (and every Linear/Conv bias offset); they are live
     while the patcher is loaded. ``base_forward_of(layer)`` gives the base computation each hook
-    adds to (training passes one that keeps nothing for a frozen weight's backward)."""
+    adds to, given the layer's bias offset as ``output_bias`` (training passes one that keeps nothing
+    for a frozen weight's backward and feeds the offset to the op as part of its bias)."""
     hooks = bypass_hooks(network, model_patcher.model.diffusion_model)
 
     def inject(mp):

@@ -26,6 +26,7 @@ import math
 
 import torch
 
+from ..adapters.attach import own_forward
 from ..adapters.base import conv_fn
 from ..adapters.cpu_kernels import onednn_linear, onednn_matmul_is_faster
 from .recompute_reuse import reuse_in_recompute
@@ -61,6 +62,19 @@ def _nothing():
     return None
 
 
+def _with_offset(bias: torch.Tensor | None, offset: torch.Tensor | None) -> torch.Tensor | None:
+    """The layer's bias plus a trainable bias offset, fed to the op as one bias: the offset costs no
+    full-size add in the forward (nor in a checkpointed piece's recompute)."""
+    if offset is None:
+        return bias
+    return offset if bias is None else bias + offset
+
+
+def _offset_grad(grad_out: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """A bias's gradient: the output gradient summed over everything but the channel axis."""
+    return grad_out.sum(dim=[d for d in range(grad_out.ndim) if d != channel_dim % grad_out.ndim])
+
+
 def _matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, onednn: bool) -> torch.Tensor:
     """x @ weight.T + bias for a weight [out, in] (which may be a transposed view)."""
     if onednn:
@@ -70,12 +84,12 @@ def _matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, on
 
 class _FrozenLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, layer: LayerWeights, onednn: bool):
+    def forward(ctx, x, layer: LayerWeights, onednn: bool, bias_offset: torch.Tensor | None):
         ctx.layer, ctx.onednn = layer, onednn
 
         def compute():
             weight, bias, release = layer.fetch()
-            out = _matmul(x, weight, bias, onednn)
+            out = _matmul(x, weight, _with_offset(bias, bias_offset), onednn)
             release()
             return out
 
@@ -86,12 +100,13 @@ class _FrozenLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        grad_offset = _offset_grad(grad_out, -1) if ctx.needs_input_grad[3] else None
         if not ctx.needs_input_grad[0]:
-            return None, None, None
+            return None, None, None, grad_offset
         weight, _, release = ctx.layer.fetch()
         grad_in = _matmul(grad_out, weight.t(), None, ctx.onednn)
         release()
-        return grad_in, None, None
+        return grad_in, None, None, grad_offset
 
 
 def _conv_output_shape(shape, module) -> tuple[int, ...]:
@@ -107,12 +122,12 @@ def _conv(x, weight, bias, module):
 
 class _FrozenConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, layer: LayerWeights):
+    def forward(ctx, x, layer: LayerWeights, bias_offset: torch.Tensor | None):
         ctx.layer, ctx.input_shape = layer, x.shape
 
         def compute():
             weight, bias, release = layer.fetch()
-            out = _conv(x, weight, bias, layer.module)
+            out = _conv(x, weight, _with_offset(bias, bias_offset), layer.module)
             release()
             return out
 
@@ -124,8 +139,9 @@ class _FrozenConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        grad_offset = _offset_grad(grad_out, 1) if ctx.needs_input_grad[2] else None
         if not ctx.needs_input_grad[0]:
-            return None, None
+            return None, None, grad_offset
         module = ctx.layer.module
         weight, _, release = ctx.layer.fetch()
         # Only the input's shape is read: an expanded one-element tensor stands in for it.
@@ -134,7 +150,7 @@ class _FrozenConv(torch.autograd.Function):
             grad_out.contiguous(), stand_in, weight, None, module.stride, module.padding, module.dilation, False,
             [0] * len(module.stride), module.groups, (True, False, False))[0]
         release()
-        return grad_in, None
+        return grad_in, None, grad_offset
 
 
 def _compute_dtype(module: torch.nn.Module, x: torch.Tensor) -> torch.dtype | None:
@@ -157,22 +173,24 @@ def _compute_dtype(module: torch.nn.Module, x: torch.Tensor) -> torch.dtype | No
 
 def frozen_forward(module: torch.nn.Module):
     """The base forward of a Linear or Conv layer as a training run should call it: through the
-    frozen-layer path where it applies (see ``_compute_dtype``), else the layer's own forward."""
-    own = type(module).forward
+    frozen-layer path where it applies (see ``_compute_dtype``), else the layer's own forward.
+    ``output_bias`` (a trainable bias offset, see adapters.offsets) joins the layer's bias."""
+    own = own_forward(module)
     if not isinstance(module, (torch.nn.Linear, *CONVS)):
         return own
     linear = isinstance(module, torch.nn.Linear)
 
-    def forward(module, x, *args, **kwargs):
+    def forward(module, x, *args, output_bias: torch.Tensor | None = None, **kwargs):
         dtype = None if args or kwargs else _compute_dtype(module, x)
         if dtype is None:
-            return own(module, x, *args, **kwargs)
+            return own(module, x, *args, output_bias=output_bias, **kwargs)
         layer = LayerWeights(module, dtype, x.device)
         x = x.to(dtype)
+        offset = None if output_bias is None else output_bias.to(dtype)
         if linear:
             onednn = x.device.type == "cpu" and dtype == torch.float32 and onednn_matmul_is_faster()
-            return _FrozenLinear.apply(x, layer, onednn)
-        return _FrozenConv.apply(x, layer)
+            return _FrozenLinear.apply(x, layer, onednn, offset)
+        return _FrozenConv.apply(x, layer, offset)
     return forward
 
 

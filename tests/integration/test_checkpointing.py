@@ -147,11 +147,11 @@ def test_frozen_tail_layers_of_a_piece_are_not_recomputed(setup):
     from loralab.sampler import frozen_layers
     real_conv = frozen_layers._FrozenConv.forward
 
-    def counting_frozen(ctx, x, layer):
+    def counting_frozen(ctx, x, layer, bias_offset):
         for label, name in layers.items():
             if dm.get_submodule(name) is layer.module:
                 calls[label] += 1
-        return real_conv(ctx, x, layer)
+        return real_conv(ctx, x, layer, bias_offset)
 
     frozen_layers._FrozenConv.forward = staticmethod(counting_frozen)
     try:

@@ -138,3 +138,32 @@ def test_conv_output_shape_is_the_layers(kind):
     make, shape = LAYERS[kind]
     layer = make()
     assert _conv_output_shape(torch.Size(shape), layer) == tuple(layer(torch.randn(shape)).shape)
+
+
+@pytest.mark.parametrize("onednn", [False, True], ids=["torch kernel", "oneDNN kernel"])
+@pytest.mark.parametrize("kind", ["linear", "linear, no bias", "conv 3x3 stride 2", "conv1d dilated"])
+def test_a_bias_offset_joins_the_layers_bias_with_its_gradient(kind, onednn, monkeypatch):
+    """A trainable bias offset fed as ``output_bias``: the output is the layer's plus the offset on
+    the channel axis, and the offset gets the gradient of that sum, with nothing kept for it."""
+    monkeypatch.setattr(frozen_layers, "onednn_matmul_is_faster", lambda: onednn)
+    make, shape = LAYERS[kind]
+    torch.manual_seed(0)
+    layer = _frozen(make())
+    x = torch.randn(shape)
+    channels = layer.out_features if isinstance(layer, torch.nn.Linear) else layer.out_channels
+    on_axis = (-1,) if isinstance(layer, torch.nn.Linear) else (-1, *([1] * (len(shape) - 2)))
+    grad = torch.randn(layer(x).shape)
+    frozen = frozen_forward(layer)
+
+    def run(forward):
+        offset = torch.linspace(-1, 1, channels).requires_grad_(True)
+        out, x_grad = _output_and_input_grad(lambda t: forward(t, offset), x, grad)
+        return out, x_grad, offset.grad
+
+    expected = run(lambda t, offset: layer(t) + offset.view(on_axis))
+    got = run(lambda t, offset: frozen(layer, t, output_bias=offset))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert got[2].abs().sum() > 0
+    offset = torch.zeros(channels, requires_grad=True)
+    assert _saved_tensor_count(lambda t: frozen(layer, t, output_bias=offset), x) == 0

@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from .conv_taps import ConvTaps
+
 log = logging.getLogger("loralab")
 
 
@@ -70,19 +72,22 @@ def use_onednn(*tensors: torch.Tensor) -> bool:
 
 class _LowRankAdd(torch.autograd.Function):
     """``base + coefficient * (up @ down) x`` as 2-D products. Rows layout (a Linear): x [M, K],
-    base [M, N], positions are rows. Columns layout (one image of a pointwise conv, channels
-    first): x [K, P], base [N, P], positions are columns."""
+    base [M, N], positions are rows. Columns layout (one image of a conv, channels first): x [K, P],
+    base [N, P], positions are columns; a pointwise conv's ``down`` is [r, K], a k x k conv's is
+    stacked per tap ([k*k*r, K], see conv_taps) and ``taps`` sums the shifted products."""
 
     @staticmethod
-    def forward(ctx, base, x, up, down, coefficient: float, columns: bool):
+    def forward(ctx, base, x, up, down, coefficient: float, columns: bool, taps: ConvTaps | None):
         if columns:
-            h = onednn_linear(down, x.t())  # down @ x: [r, P]
+            h = onednn_linear(down, x.t())  # down @ x: [r, P] ([k*k*r, P] with taps)
+            if taps is not None:
+                h = taps.gather(h)
             out = _onednn_linear_add(up * coefficient, h.t(), base)
         else:
             h = onednn_linear(x, down)  # x @ down.T: [M, r]
             out = _onednn_linear_add(h, up * coefficient, base)
         ctx.save_for_backward(x, h, up, down)
-        ctx.coefficient, ctx.columns = coefficient, columns
+        ctx.coefficient, ctx.columns, ctx.taps = coefficient, columns, taps
         return out
 
     @staticmethod
@@ -92,6 +97,8 @@ class _LowRankAdd(torch.autograd.Function):
         if ctx.columns:
             grad_h = onednn_linear((up * c).t().contiguous(), grad.t())  # (c up).T @ grad: [r, P]
             grad_up = onednn_linear(grad, h) * c  # grad @ h.T: [N, r]
+            if ctx.taps is not None:
+                grad_h = ctx.taps.scatter(grad_h)  # the gradient of every tap's product
             grad_down = onednn_linear(grad_h, x)  # grad_h @ x.T: [r, K]
             grad_x = onednn_linear(down.t().contiguous(), grad_h.t()) if want_x else None  # [K, P]
         else:
@@ -99,22 +106,24 @@ class _LowRankAdd(torch.autograd.Function):
             grad_up = (onednn_linear(h.t().contiguous(), grad.t()).t() * c).contiguous()  # (h.T @ grad).T: [N, r]
             grad_down = onednn_linear(grad_h.t().contiguous(), x.t())  # grad_h.T @ x: [r, K]
             grad_x = onednn_linear(grad_h, down.t()) if want_x else None  # [M, K]
-        return grad, grad_x, grad_up, grad_down, None, None
+        return grad, grad_x, grad_up, grad_down, None, None, None
 
 
 def low_rank_add_fp32(base_out: torch.Tensor, x: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
-                      coefficient: float, pointwise_conv: bool) -> torch.Tensor:
+                      coefficient: float, conv: bool, taps: ConvTaps | None = None) -> torch.Tensor:
     """``base_out + coefficient * (up @ down) x`` for fp32 CPU tensors (see ``use_onednn``).
 
-    ``up`` [out, r] and ``down`` [r, in] are the 2-D factors; ``x`` and ``base_out`` are the layer's
-    input and output: [..., in] / [..., out] for a Linear, [B, in, ...] / [B, out, ...] for a
-    pointwise conv."""
+    ``up`` [out, r] and ``down`` [r, in * k*k] are the 2-D factors; ``x`` and ``base_out`` are the
+    layer's input and output: [..., in] / [..., out] for a Linear, [B, in, ...] / [B, out, ...] for a
+    conv: a pointwise one, or a k x k one described by ``taps``."""
     up, down = up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
-    if not pointwise_conv:
+    if not conv:
         out = _LowRankAdd.apply(base_out.reshape(-1, up.shape[0]), x.reshape(-1, down.shape[1]), up, down,
-                                coefficient, False)
+                                coefficient, False, None)
         return out.view(base_out.shape)
+    if taps is not None:
+        down = taps.stacked_weight(down)
     batch = x.shape[0]
     images = [_LowRankAdd.apply(base_out[i].reshape(up.shape[0], -1), x[i].reshape(down.shape[1], -1),
-                                up, down, coefficient, True) for i in range(batch)]
+                                up, down, coefficient, True, taps) for i in range(batch)]
     return torch.stack(images).view(base_out.shape) if batch > 1 else images[0].view(base_out.shape)

@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from . import conv_taps
 from .base import Adapter, LayerSpec, apply_base_op, check_rank_and_groups, conv_fn
 from .cpu_kernels import low_rank_add_fp32, use_onednn
 
@@ -72,8 +73,12 @@ def low_rank_add(spec: LayerSpec, base_out: torch.Tensor, x: torch.Tensor, up: t
     """``base_out + coefficient * (up @ down) x`` with the scale folded into the small ``up`` and the
     addition fused into the up-projection (addmm / baddbmm): one full-size write instead of the
     four of ``base_out + (up(down(x)) * scale) * strength``, forward and backward."""
-    if (spec.kind == "linear" or _pointwise(spec)) and use_onednn(base_out, x, up, down):
-        return low_rank_add_fp32(base_out, x, up, down, coefficient, pointwise_conv=spec.kind != "linear")
+    if use_onednn(base_out, x, up, down):
+        if spec.kind == "linear" or _pointwise(spec):
+            return low_rank_add_fp32(base_out, x, up, down, coefficient, conv=spec.kind != "linear")
+        if conv_taps.fits(spec.kernel_size, spec.stride, spec.padding, spec.dilation, spec.groups):
+            taps = conv_taps.ConvTaps(spec.kernel_size, spec.padding, spec.dilation, *x.shape[2:])
+            return low_rank_add_fp32(base_out, x, up, down, coefficient, conv=True, taps=taps)
     rank = down.shape[0]
     up = (up.reshape(up.shape[0], rank) * coefficient).to(x.dtype)
     h = down_project(spec, x, down)

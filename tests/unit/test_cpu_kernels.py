@@ -1,10 +1,11 @@
-"""The oneDNN LoRA kernel: the same output and gradients as the textbook formula, for Linear and
-pointwise-conv layouts, and low_rank_add takes it where it applies."""
+"""The oneDNN LoRA kernel: the same output and gradients as the textbook formula, for Linear,
+pointwise-conv and k x k conv layouts, and low_rank_add takes it where it applies."""
 import pytest
 import torch
 
 from loralab.adapters import cpu_kernels, lora
 from loralab.adapters.base import LayerSpec
+from loralab.adapters.conv_taps import ConvTaps
 from loralab.adapters.cpu_kernels import low_rank_add_fp32
 
 if not torch.backends.mkldnn.is_available():
@@ -54,17 +55,62 @@ def test_fused_low_rank_add_matches_the_formula(case):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["linear", "pointwise conv", "3x3 conv"])
+# A k x k conv: (kernel, padding, dilation, input shape, output channels)
+TAP_CASES = {
+    "3x3 same padding": ((3, 3), (1, 1), (1, 1), (1, 10, 7, 9), 12),
+    "3x3 no padding": ((3, 3), (0, 0), (1, 1), (1, 10, 7, 9), 12),
+    "3x3 dilated, two images": ((3, 3), (2, 2), (2, 2), (2, 10, 6, 6), 12),
+    "1x5 kernel, uneven padding": ((1, 5), (0, 1), (1, 1), (1, 6, 5, 8), 4),
+    "padding wider than the kernel reaches": ((3, 3), (3, 2), (1, 1), (1, 6, 4, 5), 8),
+}
+
+
+@pytest.mark.parametrize("case", list(TAP_CASES))
+def test_fused_low_rank_add_of_a_kxk_conv_matches_two_convolutions(case):
+    """down as the layer's conv and up as a 1x1 conv, by torch's own convolution and autograd."""
+    kernel, padding, dilation, x_shape, out_channels = TAP_CASES[case]
+    g = torch.Generator().manual_seed(5)
+    rank, c = 3, 0.7
+    x = torch.randn(x_shape, generator=g)
+    down = torch.randn((rank, x_shape[1], *kernel), generator=g)
+    up = torch.randn((out_channels, rank, 1, 1), generator=g)
+    h_shape = torch.nn.functional.conv2d(x, down, None, 1, padding, dilation).shape
+    base = torch.randn((x_shape[0], out_channels, *h_shape[2:]), generator=g)
+    grad = torch.randn(base.shape, generator=g)
+
+    def reference(b, xx, u, d):
+        return b + c * torch.nn.functional.conv2d(torch.nn.functional.conv2d(xx, d, None, 1, padding, dilation), u)
+
+    def fused(b, xx, u, d):
+        taps = ConvTaps(kernel, padding, dilation, *xx.shape[2:])
+        return low_rank_add_fp32(b, xx, u, d, c, conv=True, taps=taps)
+
+    expected = _grads(reference, (base, x, up, down), grad)
+    got = _grads(fused, (base, x, up, down), grad)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-4, atol=1e-4)
+    for a, b in zip(got[1], expected[1]):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+LAYERS = {"linear": (lambda: torch.nn.Linear(12, 10), True),
+          "pointwise conv": (lambda: torch.nn.Conv2d(12, 10, 1), True),
+          "3x3 conv": (lambda: torch.nn.Conv2d(12, 10, 3, padding=1), True),
+          "3x3 conv, stride 2": (lambda: torch.nn.Conv2d(12, 10, 3, stride=2, padding=1), False),
+          "3x3 conv1d": (lambda: torch.nn.Conv1d(12, 10, 3, padding=1), False)}
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
 def test_low_rank_add_takes_the_fused_kernel_where_it_applies(kind, monkeypatch):
     calls = []
     real = cpu_kernels.low_rank_add_fp32
     monkeypatch.setattr(lora, "low_rank_add_fp32", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(lora, "use_onednn", lambda *tensors: True)
-    layer = {"linear": torch.nn.Linear(12, 10), "pointwise conv": torch.nn.Conv2d(12, 10, 1),
-             "3x3 conv": torch.nn.Conv2d(12, 10, 3, padding=1)}[kind]
+    make, fused = LAYERS[kind]
+    layer = make()
     spec = LayerSpec.of(layer)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn((3, 12) if kind == "linear" else (1, 12, 4, 4), generator=g)
+    x = torch.randn((3, 12) if kind == "linear" else (1, 12, *([6] * spec.conv_dims)), generator=g)
     base = layer(x).detach()
     up = torch.randn(spec.out_features, 2, *([1] * spec.conv_dims), generator=g)
     down = torch.randn(2, 12, *spec.kernel_size, generator=g)
@@ -73,4 +119,4 @@ def test_low_rank_add_takes_the_fused_kernel_where_it_applies(kind, monkeypatch)
     expected = (torch.nn.functional.linear(x, merged, layer.bias) if kind == "linear"
                 else layer._conv_forward(x, merged, layer.bias))
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    assert len(calls) == (0 if kind == "3x3 conv" else 1)
+    assert len(calls) == (1 if fused else 0)

@@ -8,15 +8,18 @@ backward on the CPU than oneDNN's convolution, which is built for many output ch
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
+from .base import LayerSpec
 
-def fits(kernel_size, stride, padding, dilation, groups: int) -> bool:
-    """Whether a conv's geometry is one ``ConvTaps`` computes: 2-D, stride 1, numeric padding."""
-    return (len(kernel_size) == 2 and all(s == 1 for s in stride) and groups == 1
-            and not isinstance(padding, str))
+
+def fits(spec: LayerSpec) -> bool:
+    """Whether a layer is a conv ``ConvTaps`` computes: 2-D, stride 1, ungrouped, numeric padding."""
+    return (spec.kind == "conv" and spec.conv_dims == 2 and all(s == 1 for s in spec.stride)
+            and spec.groups == 1 and not isinstance(spec.padding, str))
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,11 @@ class ConvTaps:
     height: int
     width: int
 
+    @classmethod
+    def of(cls, spec: LayerSpec, x: torch.Tensor) -> "ConvTaps":
+        """The taps of ``spec``'s conv (see ``fits``) over the input ``x`` [B, C, H, W]."""
+        return cls(spec.kernel_size, spec.padding, spec.dilation, *x.shape[2:])
+
     @property
     def count(self) -> int:
         return self.kernel_size[0] * self.kernel_size[1]
@@ -38,8 +46,13 @@ class ConvTaps:
         return tuple(n + 2 * p - d * (k - 1) for n, p, d, k in
                      zip((self.height, self.width), self.padding, self.dilation, self.kernel_size))
 
-    def _windows(self):
-        """Per tap: (output rows, output cols, input rows, input cols) slices it connects."""
+    @functools.cached_property
+    def _windows(self) -> tuple:
+        """Per tap: (tap, output rows, output cols, input rows, input cols) slices it connects;
+        worked out once for the forward, the backward and a checkpointed recompute."""
+        return tuple(self._tap_windows())
+
+    def _tap_windows(self):
         out_h, out_w = self.out_size
         for i in range(self.kernel_size[0]):
             for j in range(self.kernel_size[1]):
@@ -62,7 +75,7 @@ class ConvTaps:
         rank = per_tap.shape[0] // self.count
         per_tap = per_tap.view(self.count, rank, self.height, self.width)
         out = per_tap.new_zeros(rank, *self.out_size)
-        for tap, out_y, out_x, in_y, in_x in self._windows():
+        for tap, out_y, out_x, in_y, in_x in self._windows:
             out[:, out_y, out_x] += per_tap[tap, :, in_y, in_x]
         return out.view(rank, -1)
 
@@ -72,6 +85,6 @@ class ConvTaps:
         rank = grad_out.shape[0]
         grad_out = grad_out.view(rank, *self.out_size)
         grad = grad_out.new_zeros(self.count, rank, self.height, self.width)
-        for tap, out_y, out_x, in_y, in_x in self._windows():
+        for tap, out_y, out_x, in_y, in_x in self._windows:
             grad[tap, :, in_y, in_x] = grad_out[:, out_y, out_x]
         return grad.view(self.count * rank, -1)

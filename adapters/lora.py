@@ -76,9 +76,8 @@ def low_rank_add(spec: LayerSpec, base_out: torch.Tensor, x: torch.Tensor, up: t
     if use_onednn(base_out, x, up, down):
         if spec.kind == "linear" or _pointwise(spec):
             return low_rank_add_fp32(base_out, x, up, down, coefficient, conv=spec.kind != "linear")
-        if conv_taps.fits(spec.kernel_size, spec.stride, spec.padding, spec.dilation, spec.groups):
-            taps = conv_taps.ConvTaps(spec.kernel_size, spec.padding, spec.dilation, *x.shape[2:])
-            return low_rank_add_fp32(base_out, x, up, down, coefficient, conv=True, taps=taps)
+        if conv_taps.fits(spec):
+            return low_rank_add_fp32(base_out, x, up, down, coefficient, conv=True, taps=conv_taps.ConvTaps.of(spec, x))
     rank = down.shape[0]
     up = (up.reshape(up.shape[0], rank) * coefficient).to(x.dtype)
     h = down_project(spec, x, down)

@@ -23,8 +23,8 @@ def _fused_devices() -> set[str]:
 
 def _can_fuse(optimizer_class, params: list[torch.Tensor]) -> bool:
     """Whether torch has a fused step for this optimizer and these parameters: one kernel per
-    parameter instead of a dozen elementwise ops (3-4x faster on the CPU, where torch's default is
-    a per-parameter loop; hundreds of small adapter tensors make that loop a step's visible cost)."""
+    parameter instead of a dozen elementwise ops (on the CPU torch's default is a per-parameter
+    loop, and hundreds of small adapter tensors make that loop a visible part of a step)."""
     if "fused" not in inspect.signature(optimizer_class).parameters:
         return False
     devices = _fused_devices()

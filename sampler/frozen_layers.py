@@ -30,6 +30,7 @@ from ..adapters.attach import own_forward
 from ..adapters.base import conv_fn
 from ..adapters.cpu_kernels import onednn_linear, onednn_matmul_is_faster
 from .recompute_reuse import reuse_in_recompute
+from .winograd import WinogradWeights, fits as winograd_fits
 
 CONVS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 FROZEN_KEY = "loralab_frozen_layers"
@@ -40,9 +41,16 @@ class LayerWeights:
     as stored, or cast to the compute dtype and device (by ComfyUI's own cast where the layer
     casts). ``fetch`` returns (weight, bias, release); call release once the matmul is done."""
 
-    def __init__(self, module: torch.nn.Module, dtype: torch.dtype, device: torch.device):
-        self.module, self.dtype, self.device = module, dtype, device
+    def __init__(self, module: torch.nn.Module, dtype: torch.dtype, device: torch.device,
+                 winograd: WinogradWeights | None = None):
+        self.module, self.dtype, self.device, self.winograd = module, dtype, device, winograd
         self.comfy_cast = bool(getattr(module, "comfy_cast_weights", False))
+
+    def winograd_for(self, x: torch.Tensor) -> WinogradWeights | None:
+        """The layer's Winograd conv where it applies to a call on ``x``: the weight is used as
+        stored (``fetch`` casts nothing), so its kept transform stays valid (see sampler/winograd)."""
+        as_stored = not self.comfy_cast and self.module.weight.dtype == self.dtype
+        return self.winograd if self.winograd is not None and as_stored and self.winograd.applies(x) else None
 
     def fetch(self):
         module = self.module
@@ -124,16 +132,20 @@ class _FrozenConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layer: LayerWeights, bias_offset: torch.Tensor | None):
         ctx.layer, ctx.input_shape = layer, x.shape
+        winograd = layer.winograd_for(x)
 
         def compute():
             weight, bias, release = layer.fetch()
-            out = _conv(x, weight, _with_offset(bias, bias_offset), layer.module)
+            bias = _with_offset(bias, bias_offset)
+            out = winograd.conv(x, bias) if winograd is not None else _conv(x, weight, bias, layer.module)
             release()
             return out
 
         weight = layer.module.weight  # [out, in / groups, *kernel]
         out_shape = _conv_output_shape(x.shape, layer.module)
         positions = math.prod(out_shape[2:]) * out_shape[0]
+        # Priced as the direct conv even where Winograd runs it: keeping fewer conv outputs for a
+        # cheaper conv measured slower, as a recompute also reruns what feeds the conv.
         flops = 2 * positions * weight.numel()
         return reuse_in_recompute(compute, flops, math.prod(out_shape) * x.element_size())
 
@@ -142,6 +154,9 @@ class _FrozenConv(torch.autograd.Function):
         grad_offset = _offset_grad(grad_out, 1) if ctx.needs_input_grad[2] else None
         if not ctx.needs_input_grad[0]:
             return None, None, grad_offset
+        winograd = ctx.layer.winograd_for(grad_out)
+        if winograd is not None:
+            return winograd.input_grad(grad_out), None, grad_offset
         module = ctx.layer.module
         weight, _, release = ctx.layer.fetch()
         # Only the input's shape is read: an expanded one-element tensor stands in for it.
@@ -179,12 +194,13 @@ def frozen_forward(module: torch.nn.Module):
     if not isinstance(module, (torch.nn.Linear, *CONVS)):
         return own
     linear = isinstance(module, torch.nn.Linear)
+    winograd = WinogradWeights(module) if winograd_fits(module) else None  # U is kept per attach
 
     def forward(module, x, *args, output_bias: torch.Tensor | None = None, **kwargs):
         dtype = None if args or kwargs else _compute_dtype(module, x)
         if dtype is None:
             return own(module, x, *args, output_bias=output_bias, **kwargs)
-        layer = LayerWeights(module, dtype, x.device)
+        layer = LayerWeights(module, dtype, x.device, winograd)
         x = x.to(dtype)
         offset = None if output_bias is None else output_bias.to(dtype)
         if linear:

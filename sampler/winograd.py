@@ -1,0 +1,169 @@
+"""Frozen 3x3 convolutions by Winograd's F(2x2, 3x3): 16 multiplies per 2x2 output block, not 36.
+
+A stride-1 3x3 conv makes each 2x2 block of its output from a 4x4 patch of its input. Winograd's
+minimal filtering transforms the patch (V = B^T d B, 4x4) and the kernel (U = G g G^T, 4x4) so that
+the block is A^T (U * V) A. Summed over input channels, the 16 elementwise products become 16
+matmuls [out, in] @ [in, blocks]: 2.25x fewer multiplies than the direct conv, with the input and
+output transforms as two thin matmuls and a reshuffle. The result matches the direct conv to fp32
+rounding (the transforms only add, subtract and halve).
+
+A frozen layer's input gradient is a 3x3 conv too, with the kernel flipped and its channel axes
+swapped. For these transforms, flipping the kernel permutes U's 16 entries (G with its columns
+reversed is G with rows 0 and 3 swapped), so the backward uses the same U, transposed, with
+permuted input and output transforms: one U per layer serves the forward, any recompute and the
+backward.
+
+U is 16/9 of the weight's size and is computed once per training run, so a layer uses it only
+where a call covers at least ``MIN_POSITIONS`` positions (images x height x width): the saving per
+call grows with the positions, U's memory does not. It runs for fp32 on the CPU, where it is
+measured against torch's own convolution once per process (``winograd_is_faster``).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("loralab")
+
+# At 32 x 32 positions a call's 16 matmuls are 256 blocks wide, where they run near full speed and
+# the saving per byte of U is largest; smaller maps save less per byte than U costs in memory.
+MIN_POSITIONS = 1024
+
+_B_T = ((1.0, 0.0, -1.0, 0.0), (0.0, 1.0, 1.0, 0.0), (0.0, -1.0, 1.0, 0.0), (0.0, 1.0, 0.0, -1.0))
+_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+_A_T = ((1.0, 1.0, 1.0, 0.0), (0.0, 1.0, -1.0, -1.0))
+# Row i of G applied to a reversed kernel equals row _FLIPPED[i] of G applied to the kernel.
+_FLIPPED = (3, 1, 2, 0)
+
+
+@functools.lru_cache(maxsize=1)
+def _transforms() -> dict[str, torch.Tensor]:
+    """The transforms as matrices on row-major flattened tiles: vec(L X R^T) = (L kron R) vec(X)."""
+    b_t, g, a_t = (torch.tensor(m, dtype=torch.float64) for m in (_B_T, _G, _A_T))
+    inputs, outputs = torch.kron(b_t, b_t), torch.kron(a_t, a_t)  # [16, 16], [4, 16]
+    flip = [4 * _FLIPPED[i] + _FLIPPED[j] for i in range(4) for j in range(4)]
+    return {"kernel": torch.kron(g, g),  # [16, 9], kept in float64 until U is built
+            "inputs": inputs.float(), "outputs": outputs.float(),
+            "inputs_flipped": inputs[flip].float(), "outputs_flipped": outputs[:, flip].float()}
+
+
+def fits(module: torch.nn.Module) -> bool:
+    """Whether a layer is a conv this computes: 2-D 3x3, stride 1, no dilation or groups, zero
+    padding of at most 2 (so the input gradient's padding, 2 - p, is not negative)."""
+    return (isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) == (3, 3)
+            and tuple(module.stride) == (1, 1) and tuple(module.dilation) == (1, 1) and module.groups == 1
+            and not isinstance(module.padding, str) and all(0 <= p <= 2 for p in module.padding)
+            and module.padding_mode == "zeros")
+
+
+def kernel_transform(weight: torch.Tensor) -> torch.Tensor:
+    """U = G g G^T for every (out, in) kernel of ``weight`` [O, C, 3, 3]: [16, O, C], in fp32."""
+    out_ch, in_ch = weight.shape[:2]
+    taps = weight.detach().permute(2, 3, 0, 1).reshape(9, out_ch * in_ch).double()
+    return (_transforms()["kernel"] @ taps).float().view(16, out_ch, in_ch).contiguous()
+
+
+def _tiled_conv(x: torch.Tensor, u: torch.Tensor, padding: tuple[int, int], inputs: torch.Tensor,
+                outputs: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A 3x3 "valid" conv of ``x`` [N, C, H, W] zero-padded by ``padding``, through the transformed
+    kernels ``u`` [16, O, C]: [N, O, H + 2 p - 2, W + 2 p - 2]."""
+    n, channels, height, width = x.shape
+    out_h, out_w = height + 2 * padding[0] - 2, width + 2 * padding[1] - 2
+    rows, cols = -(-out_h // 2), -(-out_w // 2)  # 2x2 blocks; an odd edge is padded, then cut
+    padded = F.pad(x, (padding[1], padding[1] + 2 * cols - out_w, padding[0], padding[0] + 2 * rows - out_h))
+    tiles = padded.unfold(2, 4, 2).unfold(3, 4, 2)  # [N, C, rows, cols, 4, 4], overlapping views
+    blocks = n * rows * cols
+    d = tiles.permute(4, 5, 1, 0, 2, 3).reshape(16, channels * blocks)
+    v = (inputs @ d).view(16, channels, blocks)
+    m = torch.bmm(u, v)  # [16, O, blocks]
+    out_ch = m.shape[1]
+    y = (outputs @ m.view(16, out_ch * blocks)).view(2, 2, out_ch, n, rows, cols)
+    out = torch.empty(n, out_ch, 2 * rows, 2 * cols, dtype=x.dtype, device=x.device)
+    placed = y.permute(3, 2, 4, 0, 5, 1)  # [N, O, rows, 2, cols, 2]
+    if bias is None:
+        out.view(placed.shape).copy_(placed)
+    else:
+        torch.add(placed, bias.view(1, out_ch, 1, 1, 1, 1), out=out.view(placed.shape))
+    if (2 * rows, 2 * cols) != (out_h, out_w):
+        out = out[:, :, :out_h, :out_w].contiguous()
+    return out
+
+
+def winograd_conv(x: torch.Tensor, u: torch.Tensor, padding: tuple[int, int],
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``conv2d(x, weight, bias, padding=padding)`` for a 3x3 weight with U = kernel_transform(weight)."""
+    t = _transforms()
+    return _tiled_conv(x, u, padding, t["inputs"], t["outputs"], bias)
+
+
+def winograd_input_grad(grad_out: torch.Tensor, u: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
+    """The input gradient of ``winograd_conv`` (a 3x3 conv with the flipped, transposed kernel)."""
+    t = _transforms()
+    return _tiled_conv(grad_out, u.transpose(1, 2), (2 - padding[0], 2 - padding[1]),
+                       t["inputs_flipped"], t["outputs_flipped"], None)
+
+
+def _best_of(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@functools.lru_cache(maxsize=1)
+def winograd_is_faster() -> bool:
+    """True when this module's conv beats torch's on a 320-channel 3x3 conv over 32 x 32 on this
+    CPU, and gives the same result. Measured once per process, in about a tenth of a second."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 320, 32, 32, generator=generator)
+    weight = torch.randn(320, 320, 3, 3, generator=generator) / math.sqrt(320 * 9)
+    u = kernel_transform(weight)
+    with torch.no_grad():
+        if not torch.allclose(winograd_conv(x, u, (1, 1)), F.conv2d(x, weight, padding=1), rtol=1e-4, atol=1e-4):
+            return False
+        direct = _best_of(lambda: F.conv2d(x, weight, padding=1), 3)
+        winograd = _best_of(lambda: winograd_conv(x, u, (1, 1)), 3)
+    faster = winograd < 0.9 * direct
+    log.info("LoRA Lab: frozen 3x3 convs: %s (Winograd %.2f ms, direct %.2f ms on 320 channels at 32x32)",
+             "Winograd" if faster else "direct", winograd * 1e3, direct * 1e3)
+    return faster
+
+
+class WinogradWeights:
+    """A frozen 3x3 conv's U, built on first use and kept while the layer trains (see ``fits``).
+
+    ``applies(x)`` says whether a call on ``x`` computes here: fp32 on the CPU, with at least
+    MIN_POSITIONS positions (the caller makes sure the weight is used as stored, not a cast copy).
+    U is rebuilt if the weight's storage or version changes (a patch applied in place)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self._u: torch.Tensor | None = None
+        self._stamp: tuple | None = None
+
+    def applies(self, x: torch.Tensor) -> bool:
+        weight = self.module.weight
+        return (x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+                and x.ndim == 4
+                and x.shape[0] * x.shape[2] * x.shape[3] >= MIN_POSITIONS and winograd_is_faster())
+
+    def u(self) -> torch.Tensor:
+        weight = self.module.weight
+        stamp = (weight.data_ptr(), weight._version, weight.shape)
+        if self._stamp != stamp:
+            self._u, self._stamp = kernel_transform(weight), stamp
+        return self._u
+
+    def conv(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return winograd_conv(x, self.u(), tuple(self.module.padding), bias)
+
+    def input_grad(self, grad_out: torch.Tensor) -> torch.Tensor:
+        return winograd_input_grad(grad_out, self.u(), tuple(self.module.padding))

@@ -32,13 +32,18 @@ def _onednn_linear_add(x: torch.Tensor, weight: torch.Tensor, other: torch.Tenso
     return torch.ops.mkldnn._linear_pointwise.binary(x, other, weight, None, "add")
 
 
-def _best_of(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+def best_times(*fns, repeats: int) -> list[float]:
+    """The best wall time of each of ``fns`` over ``repeats`` calls, the calls taken in turns: a
+    moment when another process holds a core slows both sides, not one, so the choice a kernel
+    probe makes from these times does not depend on when that moment came."""
+    for fn in fns:
         fn()
-        best = min(best, time.perf_counter() - start)
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
     return best
 
 
@@ -54,8 +59,7 @@ def onednn_matmul_is_faster() -> bool:
     try:
         if not torch.allclose(onednn_linear(x, w), torch.nn.functional.linear(x, w), rtol=1e-4, atol=1e-3):
             return False
-        default = _best_of(lambda: torch.nn.functional.linear(x, w), 5)
-        onednn = _best_of(lambda: onednn_linear(x, w), 5)
+        default, onednn = best_times(lambda: torch.nn.functional.linear(x, w), lambda: onednn_linear(x, w), repeats=5)
     except RuntimeError:
         return False
     faster = onednn < 0.9 * default

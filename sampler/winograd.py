@@ -23,10 +23,11 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import time
 
 import torch
 import torch.nn.functional as F
+
+from ..adapters.cpu_kernels import best_times
 
 log = logging.getLogger("loralab")
 
@@ -108,16 +109,6 @@ def winograd_input_grad(grad_out: torch.Tensor, u: torch.Tensor, padding: tuple[
                        t["inputs_flipped"], t["outputs_flipped"], None)
 
 
-def _best_of(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 @functools.lru_cache(maxsize=1)
 def winograd_is_faster() -> bool:
     """True when this module's conv beats torch's on a 320-channel 3x3 conv over 32 x 32 on this
@@ -129,8 +120,8 @@ def winograd_is_faster() -> bool:
     with torch.no_grad():
         if not torch.allclose(winograd_conv(x, u, (1, 1)), F.conv2d(x, weight, padding=1), rtol=1e-4, atol=1e-4):
             return False
-        direct = _best_of(lambda: F.conv2d(x, weight, padding=1), 3)
-        winograd = _best_of(lambda: winograd_conv(x, u, (1, 1)), 3)
+        direct, winograd = best_times(lambda: F.conv2d(x, weight, padding=1), lambda: winograd_conv(x, u, (1, 1)),
+                                      repeats=3)
     faster = winograd < 0.9 * direct
     log.info("LoRA Lab: frozen 3x3 convs: %s (Winograd %.2f ms, direct %.2f ms on 320 channels at 32x32)",
              "Winograd" if faster else "direct", winograd * 1e3, direct * 1e3)

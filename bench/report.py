@@ -49,6 +49,7 @@ def summarize_arm(runs: list[dict], peak: dict) -> dict:
         "peak_dtype": peak_key, "fraction_of_peak": achieved / peak_rate if achieved and peak_rate else None,
         "eval": evals, "steps_per_run": first["settings"]["steps"],
         "loadavg": [r.get("loadavg_start") for r in runs],
+        "kernels": [r["kernels"] for r in runs if r.get("kernels")],
     }
 
 
@@ -107,6 +108,18 @@ def _speed_table(arms: dict) -> list[str]:
                      f"{s['trainable_params']:,} ({s['adapted_layers']} layers + {s['norm_bias_offsets']} offsets)"])
     return _table(["trainer", "train / adapter dtype", "s/step (median)", "per-run medians", "speed vs native",
                    "same-round speed vs native", "training memory", "process peak RSS", "trainable parameters"], rows)
+
+
+def _kernel_lines(arms: dict) -> list[str]:
+    """How often LoRA Lab's per-process kernel probes picked oneDNN matmuls and Winograd 3x3 convs."""
+    runs = [k for arm in arms.values() for k in arm.get("kernels", [])]
+    if not runs:
+        return []
+    onednn = sum(k["onednn_matmul"] for k in runs)
+    winograd = sum(k["winograd_3x3"] for k in runs)
+    return ["", f"LoRA Lab's kernel probes (one per process, `loralab.adapters.cpu_kernels`, `loralab.sampler.winograd`): "
+                f"fp32 matmuls on oneDNN in {onednn} of {len(runs)} runs (torch's default in the others), "
+                f"Winograd 3x3 convs in {winograd} of {len(runs)}."]
 
 
 def _flops_table(arms: dict, peak: dict) -> list[str]:
@@ -223,6 +236,7 @@ def markdown(results: dict, summary: dict) -> str:
         f"{' / '.join(ARM_LABELS[a] for a in plan['arms'])}, {plan['steps']} steps each)",
         "",
         *_speed_table(fp32),
+        *_kernel_lines(fp32),
         "",
         "## Achieved FLOP/s (fp32)",
         "",
@@ -280,7 +294,10 @@ NOTES = [
     "emulated (a CPU without bf16 instructions) only the small sizes fit, so 'of peak' can pass 100% there.",
     "- **kernels**: native runs torch's default kernels (fp32 matmuls on MKL); LoRA Lab runs its frozen layers' "
     "and LoRA's fp32 matmuls on oneDNN where a 0.1 s probe at the start of the process measures oneDNN faster "
-    "(`loralab.adapters.cpu_kernels`). Convolutions run on oneDNN for both.",
+    "(`loralab.adapters.cpu_kernels`). Convolutions run on oneDNN for both, except that LoRA Lab runs frozen 3x3 "
+    "convs over at least 32x32 positions by Winograd's F(2x2, 3x3) where its own probe measures that faster "
+    "(`loralab.sampler.winograd`); its FLOPs are counted as executed (the transforms and 16 matmuls), so they "
+    "are fewer than a direct conv's.",
     "- **held-out loss**: `loralab.sampler.evaluation.heldout_loss` on `heldout_pairs` (4 fixed (noise, sigma) "
     "pairs per image, seed 1234) of a `TrainingSet` built from the same latents and positives; prediction-space "
     "MSE, fp32. Native's LORA_MODEL is applied with `comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)`, "

@@ -185,8 +185,15 @@ def train_ours(inputs: Inputs, s: Settings) -> Trained:
     return Trained(times, list(result.losses), _dtype_name(dtype), _dtype_name(lora_dtype), params,
                    len(result.network), extra={"target_layers": request.target_layers, "bypass": request.bypass_mode,
                                                "norm_bias_offsets": len(result.network.offsets),
-                                               "checkpointing": result.checkpointing},
+                                               "checkpointing": result.checkpointing, "kernels": _kernel_choices()},
                    model=result.model)
+
+
+def _kernel_choices() -> dict:
+    """What this process's CPU kernel probes chose (each is measured once per process)."""
+    from loralab.adapters.cpu_kernels import onednn_matmul_is_faster
+    from loralab.sampler.winograd import winograd_is_faster
+    return {"onednn_matmul": onednn_matmul_is_faster(), "winograd_3x3": winograd_is_faster()}
 
 
 def train(side: str, inputs: Inputs, s: Settings) -> Trained:

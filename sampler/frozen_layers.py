@@ -16,6 +16,8 @@ recompute_reuse).
 
 On CPUs, a frozen Linear's fp32 forward and backward run on whichever matmul kernel measured
 faster here, torch's default (MKL) or oneDNN (see adapters/cpu_kernels).
+A frozen 3x3 conv over a large enough map runs fp32 on the CPU by Winograd's F(2x2, 3x3), forward
+and input gradient alike, where that measured faster here (see winograd).
 
 Layers with a trainable weight, with ComfyUI weight functions (weight-wrapper adapters, LoRAs
 patched in low-VRAM mode) or with string padding run their own forward, unchanged.

@@ -4,6 +4,7 @@ import torch
 
 from loralab.sampler import frozen_layers
 from loralab.sampler.frozen_layers import frozen_forward, onednn_matmul_is_faster
+from loralab.sampler.winograd import winograd_is_faster
 
 
 def _frozen(module: torch.nn.Module) -> torch.nn.Module:
@@ -124,12 +125,13 @@ def test_under_autocast_the_layer_computes_in_the_autocast_dtype(make, shape):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
 
 
-def test_the_kernel_choice_is_measured_once_and_is_a_bool():
-    onednn_matmul_is_faster.cache_clear()
-    first = onednn_matmul_is_faster()
+@pytest.mark.parametrize("probe", [onednn_matmul_is_faster, winograd_is_faster], ids=["matmul kernel", "3x3 conv"])
+def test_each_kernel_choice_is_measured_once_and_is_a_bool(probe):
+    probe.cache_clear()
+    first = probe()
     assert isinstance(first, bool)
-    assert onednn_matmul_is_faster() is first
-    assert onednn_matmul_is_faster.cache_info().hits >= 1
+    assert probe() is first
+    assert probe.cache_info().hits >= 1
 
 
 @pytest.mark.parametrize("kind", [k for k in LAYERS if "conv" in k])

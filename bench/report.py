@@ -116,10 +116,15 @@ def _kernel_lines(arms: dict) -> list[str]:
     if not runs:
         return []
     onednn = sum(k["onednn_matmul"] for k in runs)
-    winograd = sum(k["winograd_3x3"] for k in runs)
-    return ["", f"LoRA Lab's kernel probes (one per process, `loralab.adapters.cpu_kernels`, `loralab.sampler.winograd`): "
-                f"fp32 matmuls on oneDNN in {onednn} of {len(runs)} runs (torch's default in the others), "
-                f"Winograd 3x3 convs in {winograd} of {len(runs)}."]
+    lines = ["", f"LoRA Lab's kernel probes (`loralab.adapters.cpu_kernels`, once per process): fp32 matmuls on "
+                 f"oneDNN in {onednn} of {len(runs)} runs (torch's default in the others)."]
+    geometries = sorted({g for k in runs for g in k["winograd_3x3"]})
+    if geometries:
+        lines += ["", "Frozen 3x3 convs by Winograd (`loralab.sampler.winograd`, probed once per geometry per process):",
+                  ""]
+        lines += [f"- {g}: in {sum(k['winograd_3x3'].get(g, False) for k in runs)} of "
+                  f"{sum(g in k['winograd_3x3'] for k in runs)} runs" for g in geometries]
+    return lines
 
 
 def _flops_table(arms: dict, peak: dict) -> list[str]:

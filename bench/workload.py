@@ -190,10 +190,11 @@ def train_ours(inputs: Inputs, s: Settings) -> Trained:
 
 
 def _kernel_choices() -> dict:
-    """What this process's CPU kernel probes chose (each is measured once per process)."""
+    """What this process's CPU kernel probes chose: the matmul kernel (measured once per process)
+    and, for each 3x3 conv geometry met, whether Winograd computes it (once per geometry)."""
     from loralab.adapters.cpu_kernels import onednn_matmul_is_faster
-    from loralab.sampler.winograd import winograd_is_faster
-    return {"onednn_matmul": onednn_matmul_is_faster(), "winograd_3x3": winograd_is_faster()}
+    from loralab.sampler.winograd import measured_choices
+    return {"onednn_matmul": onednn_matmul_is_faster(), "winograd_3x3": measured_choices()}
 
 
 def train(side: str, inputs: Inputs, s: Settings) -> Trained:

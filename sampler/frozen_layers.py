@@ -17,7 +17,7 @@ recompute_reuse).
 On CPUs, a frozen Linear's fp32 forward and backward run on whichever matmul kernel measured
 faster here, torch's default (MKL) or oneDNN (see adapters/cpu_kernels).
 A frozen 3x3 conv over a large enough map runs fp32 on the CPU by Winograd's F(2x2, 3x3), forward
-and input gradient alike, where that measured faster here (see winograd).
+and input gradient alike, where that measured faster here for the call's geometry (see winograd).
 
 Layers with a trainable weight, with ComfyUI weight functions (weight-wrapper adapters, LoRAs
 patched in low-VRAM mode) or with string padding run their own forward, unchanged.
@@ -133,8 +133,8 @@ def _conv(x, weight, bias, module):
 class _FrozenConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layer: LayerWeights, bias_offset: torch.Tensor | None):
-        ctx.layer, ctx.input_shape = layer, x.shape
         winograd = layer.winograd_for(x)
+        ctx.layer, ctx.input_shape, ctx.winograd = layer, x.shape, winograd  # the backward follows the forward's choice
 
         def compute():
             weight, bias, release = layer.fetch()
@@ -156,9 +156,8 @@ class _FrozenConv(torch.autograd.Function):
         grad_offset = _offset_grad(grad_out, 1) if ctx.needs_input_grad[2] else None
         if not ctx.needs_input_grad[0]:
             return None, None, grad_offset
-        winograd = ctx.layer.winograd_for(grad_out)
-        if winograd is not None:
-            return winograd.input_grad(grad_out), None, grad_offset
+        if ctx.winograd is not None:
+            return ctx.winograd.input_grad(grad_out), None, grad_offset
         module = ctx.layer.module
         weight, _, release = ctx.layer.fetch()
         # Only the input's shape is read: an expanded one-element tensor stands in for it.

@@ -25,7 +25,6 @@ from ..adapters.targets import DEFAULT_PRESET, select_targets
 from .attention import use_fused_attention
 from .checkpointing import attach_checkpointing
 from .frozen_layers import attach_frozen_layers, frozen_forward
-from .winograd import winograd_is_faster
 from .dtypes import resolve_lora_dtype, resolve_training_dtype
 from .previews import RunPreviews, show_on_node
 from .run_checkpoints import RunCheckpoints
@@ -158,7 +157,6 @@ def attach_for_training(model_patcher, network: AdapterNetwork, bypass: bool) ->
         return set()
     if model_patcher.load_device.type == "cpu":  # measured now, not inside the first forward (and its FLOP count)
         onednn_matmul_is_faster()
-        winograd_is_faster()
     attach_bypass(model_patcher, network, base_forward_of=frozen_forward)
     hooked = set(bypass_hooks(network, model_patcher.model.diffusion_model))
     attach_frozen_layers(model_patcher, skip=hooked)

@@ -16,7 +16,7 @@ backward.
 U is 16/9 of the weight's size and is computed once per training run, so a layer uses it only
 where a call covers at least ``MIN_POSITIONS`` positions (images x height x width): the saving per
 call grows with the positions, U's memory does not. It runs for fp32 on the CPU, where it is
-measured against torch's own convolution once per process (``winograd_is_faster``).
+measured against torch's own convolution once per call geometry per process (``winograd_is_faster``).
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _disable_current_modes
 
 from ..adapters.cpu_kernels import best_times
 
@@ -34,6 +35,11 @@ log = logging.getLogger("loralab")
 # At 32 x 32 positions a call's 16 matmuls are 256 blocks wide, where they run near full speed and
 # the saving per byte of U is largest; smaller maps save less per byte than U costs in memory.
 MIN_POSITIONS = 1024
+# Below this many input or output channels the transforms cost about as much as the multiplies they
+# save (measured: 64 -> 320 and 320 -> 64 at 32 x 32 run no faster), so such layers are not probed.
+MIN_CHANNELS = 64
+
+_measured: dict[str, bool] = {}
 
 _B_T = ((1.0, 0.0, -1.0, 0.0), (0.0, 1.0, 1.0, 0.0), (0.0, -1.0, 1.0, 0.0), (0.0, 1.0, 0.0, -1.0))
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
@@ -109,30 +115,51 @@ def winograd_input_grad(grad_out: torch.Tensor, u: torch.Tensor, padding: tuple[
                        t["inputs_flipped"], t["outputs_flipped"], None)
 
 
-@functools.lru_cache(maxsize=1)
-def winograd_is_faster() -> bool:
-    """True when this module's conv beats torch's on a 320-channel 3x3 conv over 32 x 32 on this
-    CPU, and gives the same result. Measured once per process, in about a tenth of a second."""
+@functools.lru_cache(maxsize=None)
+def winograd_is_faster(batch: int, in_channels: int, out_channels: int, height: int, width: int,
+                       padding: tuple[int, int]) -> bool:
+    """True when this module's conv beats torch's on this CPU for one call geometry, and gives the
+    same result. Measured once per geometry per process (a tenth of a second at 32 x 32, about a
+    second at 64 x 64 with 960 channels), outside any dispatch mode that is active when a layer first
+    asks (the checkpoint plan's measuring forward, a FLOP counter): they do not see the probe.
+
+    Per geometry, because the answer changes with it: few channels leave the transforms as most of
+    the work, and at 64 x 64 the transforms' buffers are large enough that fresh pages for them cost
+    more than the multiplies saved (measured on the bench CPU: at 32 x 32, 1.04-1.2x faster with 320
+    channels and 1.5x with 640; at 64 x 64 with 320 channels, 0.94x)."""
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 320, 32, 32, generator=generator)
-    weight = torch.randn(320, 320, 3, 3, generator=generator) / math.sqrt(320 * 9)
-    u = kernel_transform(weight)
-    with torch.no_grad():
-        if not torch.allclose(winograd_conv(x, u, (1, 1)), F.conv2d(x, weight, padding=1), rtol=1e-4, atol=1e-4):
-            return False
-        direct, winograd = best_times(lambda: F.conv2d(x, weight, padding=1), lambda: winograd_conv(x, u, (1, 1)),
-                                      repeats=3)
-    faster = winograd < 0.9 * direct
-    log.info("LoRA Lab: frozen 3x3 convs: %s (Winograd %.2f ms, direct %.2f ms on 320 channels at 32x32)",
-             "Winograd" if faster else "direct", winograd * 1e3, direct * 1e3)
+    with _disable_current_modes(), torch.no_grad():
+        x = torch.randn(batch, in_channels, height, width, generator=generator)
+        weight = torch.randn(out_channels, in_channels, 3, 3, generator=generator) / math.sqrt(in_channels * 9)
+        u = kernel_transform(weight)
+
+        def direct():
+            return F.conv2d(x, weight, padding=padding)
+
+        def transformed():
+            return winograd_conv(x, u, padding)
+
+        same = torch.allclose(transformed(), direct(), rtol=1e-4, atol=1e-4)
+        direct_s, winograd_s = best_times(direct, transformed, repeats=3)
+    faster = same and winograd_s < 0.9 * direct_s
+    geometry = f"{in_channels}->{out_channels} channels at {height}x{width}, batch {batch}, padding {padding[0]}x{padding[1]}"
+    _measured[geometry] = faster
+    log.info("LoRA Lab: frozen 3x3 conv, %s: %s (Winograd %.2f ms, direct %.2f ms%s)", geometry,
+             "Winograd" if faster else "direct", winograd_s * 1e3, direct_s * 1e3, "" if same else ", results differ")
     return faster
+
+
+def measured_choices() -> dict[str, bool]:
+    """Each call geometry this process has measured, and whether Winograd computes it."""
+    return dict(_measured)
 
 
 class WinogradWeights:
     """A frozen 3x3 conv's U, built on first use and kept while the layer trains (see ``fits``).
 
     ``applies(x)`` says whether a call on ``x`` computes here: fp32 on the CPU, with at least
-    MIN_POSITIONS positions (the caller makes sure the weight is used as stored, not a cast copy).
+    MIN_POSITIONS positions and MIN_CHANNELS channels each way, where the probe for its geometry
+    measured Winograd faster (the caller makes sure the weight is used as stored, not a cast copy).
     U is rebuilt if the weight's storage or version changes (a patch applied in place)."""
 
     def __init__(self, module: torch.nn.Module):
@@ -142,9 +169,13 @@ class WinogradWeights:
 
     def applies(self, x: torch.Tensor) -> bool:
         weight = self.module.weight
-        return (x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-                and x.ndim == 4
-                and x.shape[0] * x.shape[2] * x.shape[3] >= MIN_POSITIONS and winograd_is_faster())
+        if not (x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+                and x.ndim == 4):
+            return False
+        batch, channels, height, width = x.shape
+        out_channels = weight.shape[0]
+        return (batch * height * width >= MIN_POSITIONS and min(channels, out_channels) >= MIN_CHANNELS
+                and winograd_is_faster(batch, channels, out_channels, height, width, tuple(self.module.padding)))
 
     def u(self) -> torch.Tensor:
         weight = self.module.weight

@@ -125,12 +125,13 @@ def test_under_autocast_the_layer_computes_in_the_autocast_dtype(make, shape):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("probe", [onednn_matmul_is_faster, winograd_is_faster], ids=["matmul kernel", "3x3 conv"])
-def test_each_kernel_choice_is_measured_once_and_is_a_bool(probe):
+@pytest.mark.parametrize("probe,args", [(onednn_matmul_is_faster, ()), (winograd_is_faster, (1, 64, 64, 32, 32, (1, 1)))],
+                         ids=["matmul kernel", "3x3 conv geometry"])
+def test_each_kernel_choice_is_measured_once_and_is_a_bool(probe, args):
     probe.cache_clear()
-    first = probe()
+    first = probe(*args)
     assert isinstance(first, bool)
-    assert probe() is first
+    assert probe(*args) is first
     assert probe.cache_info().hits >= 1
 
 

@@ -116,7 +116,8 @@ def _run_frozen(layer, x, grad):
 
 @pytest.mark.parametrize("shape", [(1, 6, 32, 32), (4, 6, 16, 16)], ids=["one 32x32 map", "four 16x16 maps"])
 def test_a_frozen_conv_over_enough_positions_runs_winograd_and_matches(shape, monkeypatch):
-    monkeypatch.setattr(winograd, "winograd_is_faster", lambda: True)
+    monkeypatch.setattr(winograd, "winograd_is_faster", lambda *geometry: True)
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
     counted = _Counted(monkeypatch)
     layer = _frozen_conv(padding=1)
     x = torch.randn(shape)
@@ -128,9 +129,11 @@ def test_a_frozen_conv_over_enough_positions_runs_winograd_and_matches(shape, mo
     torch.testing.assert_close(grad_in.double(), expected_grad, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["few positions", "measured slower", "fp64", "stride 2"])
+@pytest.mark.parametrize("case", ["few positions", "few channels", "measured slower", "fp64", "stride 2"])
 def test_a_frozen_conv_takes_the_direct_path_where_winograd_does_not_pay(case, monkeypatch):
-    monkeypatch.setattr(winograd, "winograd_is_faster", lambda: case != "measured slower")
+    monkeypatch.setattr(winograd, "winograd_is_faster", lambda *geometry: case != "measured slower")
+    if case != "few channels":
+        monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
     counted = _Counted(monkeypatch)
     layer = _frozen_conv(padding=1, stride=2 if case == "stride 2" else 1)
     side = 16 if case == "few positions" else 32
@@ -146,7 +149,7 @@ def test_a_frozen_conv_takes_the_direct_path_where_winograd_does_not_pay(case, m
 
 
 def test_the_kernel_transform_is_built_once_and_rebuilt_when_the_weight_changes(monkeypatch):
-    monkeypatch.setattr(winograd, "winograd_is_faster", lambda: True)
+    monkeypatch.setattr(winograd, "winograd_is_faster", lambda *geometry: True)
     built = []
     real = winograd.kernel_transform
     monkeypatch.setattr(winograd, "kernel_transform", lambda w: built.append(1) or real(w))
@@ -163,3 +166,71 @@ def test_the_kernel_transform_is_built_once_and_rebuilt_when_the_weight_changes(
     assert len(built) == 2
     torch.testing.assert_close(doubled, F.conv2d(x, layer.weight, padding=1), rtol=1e-5, atol=1e-5)
 
+
+
+@pytest.fixture
+def fresh_probes():
+    """No call geometry measured yet in this process, before and after the test."""
+    winograd.winograd_is_faster.cache_clear()
+    winograd._measured.clear()
+    yield
+    winograd.winograd_is_faster.cache_clear()
+    winograd._measured.clear()
+
+
+def test_each_call_geometry_is_probed_once_and_decides_its_own_path(fresh_probes, monkeypatch):
+    """One layer over two map sizes: the probe for 32x32 finds Winograd faster, the one for 40x40
+    does not. Each size is probed once, and each call takes the path its own probe chose."""
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
+    probed = []
+
+    def timed(direct, transformed, repeats):
+        side = direct().shape[-1]
+        probed.append(side)
+        return (1.0, 0.5) if side == 32 else (1.0, 1.0)
+
+    monkeypatch.setattr(winograd, "best_times", timed)
+    layer = _frozen_conv(padding=1)
+    inputs = {side: torch.randn(1, 6, side, side) for side in (32, 40)}
+    grads = {side: torch.randn(1, 5, side, side) for side in (32, 40)}
+    for side in (32, 40, 32):
+        _run_frozen(layer, inputs[side], grads[side])
+    assert probed == [32, 40]
+    assert sorted(winograd.measured_choices().values()) == [False, True]
+
+    counted = _Counted(monkeypatch)
+    for side, expected_calls in ((32, (1, 1)), (40, (0, 0))):
+        counted.conv = counted.grad = 0
+        out, grad_in = _run_frozen(layer, inputs[side], grads[side])
+        assert (counted.conv, counted.grad) == expected_calls
+        expected_out, expected_grad = _reference(inputs[side], layer.weight, layer.bias, (1, 1), grads[side])
+        torch.testing.assert_close(out.double(), expected_out, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad_in.double(), expected_grad, rtol=1e-5, atol=1e-5)
+    assert probed == [32, 40]
+
+
+def test_a_probe_whose_result_differs_chooses_the_direct_conv(fresh_probes, monkeypatch):
+    monkeypatch.setattr(winograd, "best_times", lambda direct, transformed, repeats: (1.0, 0.1))
+    monkeypatch.setattr(winograd, "kernel_transform", lambda weight: torch.zeros(16, *weight.shape[:2]))
+    assert winograd.winograd_is_faster(1, 8, 8, 32, 32, (1, 1)) is False
+
+
+def test_the_probe_is_invisible_to_an_active_dispatch_mode(fresh_probes):
+    """The first call of a geometry may come inside the checkpoint plan's measuring forward or a
+    FLOP counter; neither may count the probe's convolutions as the layer's work."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Recorder() as recorder:
+        torch.ones(2) + 1  # the recorder sees ops outside the probe
+        winograd.winograd_is_faster(1, 8, 8, 32, 32, (1, 1))
+    assert winograd.winograd_is_faster.cache_info().currsize == 1
+    assert recorder.ops and not [op for op in recorder.ops if "conv" in op or "bmm" in op]

@@ -130,3 +130,32 @@ def test_kernel_probes_time_their_candidates_in_turns():
     times = best_times(lambda: calls.append("a"), lambda: (calls.append("b"), sum(range(20000))), repeats=3)
     assert calls == ["a", "b"] * 4  # one warm-up call each, then three turns
     assert len(times) == 2 and 0 <= times[0] < times[1]
+
+
+@pytest.mark.parametrize("times,expected", [
+    # oneDNN loses on the first product but wins by 20% over all of them
+    ({0: (1.0, 1.2), 1: (4.0, 2.8), 2: (1.0, 0.9), 3: (1.0, 0.9)}, True),
+    # oneDNN wins every product, but by under 5% in total: not worth leaving torch's default
+    ({0: (1.0, 0.98), 1: (4.0, 3.9), 2: (1.0, 0.97), 3: (1.0, 0.97)}, False),
+], ids=["wins overall", "marginal"])
+def test_the_matmul_kernel_is_chosen_on_the_sum_over_the_probe_products(times, expected, monkeypatch):
+    shapes = list(cpu_kernels.PROBE_PRODUCTS)
+    monkeypatch.setattr(cpu_kernels, "_probe_product_times",
+                        lambda rows, inner, out, generator: times[shapes.index((rows, inner, out))])
+    cpu_kernels.onednn_matmul_is_faster.cache_clear()
+    try:
+        assert cpu_kernels.onednn_matmul_is_faster() is expected
+    finally:
+        cpu_kernels.onednn_matmul_is_faster.cache_clear()
+
+
+def test_the_matmul_probe_keeps_torchs_kernel_when_onednn_gives_another_result(monkeypatch):
+    real = cpu_kernels.onednn_linear
+    monkeypatch.setattr(cpu_kernels, "onednn_linear", lambda x, w, bias=None: real(x, w, bias) * 1.01)
+    monkeypatch.setattr(cpu_kernels, "PROBE_PRODUCTS", ((64, 32, 48),))
+    monkeypatch.setattr(cpu_kernels, "best_times", lambda *fns, repeats: [1.0, 0.5])  # oneDNN "twice as fast"
+    cpu_kernels.onednn_matmul_is_faster.cache_clear()
+    try:
+        assert cpu_kernels.onednn_matmul_is_faster() is False
+    finally:
+        cpu_kernels.onednn_matmul_is_faster.cache_clear()

@@ -298,7 +298,8 @@ NOTES = [
     "measured in the same bench run, in the training dtype. The peak gets a 45 s budget per dtype: where bf16 is "
     "emulated (a CPU without bf16 instructions) only the small sizes fit, so 'of peak' can pass 100% there.",
     "- **kernels**: native runs torch's default kernels (fp32 matmuls on MKL); LoRA Lab runs its frozen layers' "
-    "and LoRA's fp32 matmuls on oneDNN where a 0.1 s probe at the start of the process measures oneDNN faster "
+    "and LoRA's fp32 matmuls on oneDNN where a 0.3 s probe at the start of the process (four layer-sized "
+    "products, forward and backward) measures oneDNN at least 5% faster "
     "(`loralab.adapters.cpu_kernels`). Convolutions run on oneDNN for both, except that LoRA Lab runs frozen 3x3 "
     "convs over at least 32x32 positions by Winograd's F(2x2, 3x3) where its own probe measures that faster "
     "(`loralab.sampler.winograd`); its FLOPs are counted as executed (the transforms and 16 matmuls), so they "

@@ -138,3 +138,9 @@ class Adapter(torch.nn.Module):
     @property
     def rank(self) -> int:
         raise NotImplementedError
+
+    @property
+    def reads_base_weight(self) -> bool:
+        """Whether ``bypass`` reads the layer's weight itself (in its own dtype) rather than working
+        from the layer's output: training then keeps that weight as stored (see sampler/bf16_weights)."""
+        return False

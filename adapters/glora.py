@@ -77,6 +77,10 @@ class GLoRAAdapter(Adapter):
         bb = (self.b1.flatten(1) @ self.b2.flatten(1)).reshape(self.spec.weight_shape)
         return self.scale * (wa + bb)
 
+    @property
+    def reads_base_weight(self) -> bool:
+        return True  # its path a multiplies the input by W a1
+
     def bypass(self, x: torch.Tensor, base_out: torch.Tensor, module: torch.nn.Module,
                strength: float = 1.0) -> torch.Tensor:
         spec = self.spec

@@ -156,6 +156,10 @@ class LoRAAdapter(Adapter):
     def is_dora(self) -> bool:
         return self.dora_scale is not None
 
+    @property
+    def reads_base_weight(self) -> bool:
+        return self.is_dora  # the column norms of W + dW
+
     def _lora_delta(self) -> torch.Tensor:
         up = self.lora_up.flatten(1)
         down = self.lora_down.flatten(1)

@@ -23,8 +23,9 @@ from ..adapters.metadata import LoraStateDict, base_model_name, steps_from_metad
 from ..adapters.network import AdapterNetwork
 from ..adapters.targets import DEFAULT_PRESET, select_targets
 from .attention import use_fused_attention
+from .bf16_weights import Bf16Weights
 from .checkpointing import attach_checkpointing
-from .frozen_layers import attach_frozen_layers, frozen_forward
+from .frozen_layers import CONVS, attach_frozen_layers, frozen_forward
 from .dtypes import resolve_lora_dtype, resolve_training_dtype
 from .previews import RunPreviews, show_on_node
 from .run_checkpoints import RunCheckpoints
@@ -163,6 +164,20 @@ def attach_for_training(model_patcher, network: AdapterNetwork, bypass: bool) ->
     return hooked
 
 
+def bf16_weights_for(model_patcher, network: AdapterNetwork, dtype: torch.dtype,
+                     request: "LoraTrainingRequest") -> Bf16Weights:
+    """The frozen layers a bf16 bypass run holds as bf16 for its steps (see bf16_weights): every
+    Linear/Conv but those whose adapter reads the base weight. No layers in other runs: fp32 needs
+    no cast, fp16 cannot be split off fp32 bits, and weight wrappers and offloading read the stored
+    weight."""
+    dm = model_patcher.model.diffusion_model
+    if dtype != torch.bfloat16 or not request.bypass_mode or request.offloading:
+        return Bf16Weights(dm, [], model_patcher.load_device)
+    readers = {name for name, adapter in network.items() if adapter.reads_base_weight}
+    layers = [m for name, m in dm.named_modules() if isinstance(m, (torch.nn.Linear, *CONVS)) and name not in readers]
+    return Bf16Weights(dm, layers, model_patcher.load_device)
+
+
 def load_existing(model, existing: ExistingAdapter, *, dtype, device) -> AdapterNetwork:
     """The network stored in a file of any supported key style; errors list what did not fit."""
     modules = dict(model.diffusion_model.named_modules())
@@ -225,8 +240,13 @@ def train_lora(model_patcher, latents, positive, request: LoraTrainingRequest,
         load_for_training(train_mp, request.offloading)
         replace_inference_tensors(train_mp.model.diffusion_model)
         freeze(train_mp.model)
+        bf16_weights = bf16_weights_for(train_mp, network, dtype, request)
         try:
             data = TrainingSet(train_mp.model, latents, positive, device)
+            held = bf16_weights.hold()
+            if held:
+                log.info("LoRA Lab: %d frozen layers hold their fp32 weights as bf16 for the run (no cast per step)",
+                         held)
 
             def lora_now(steps: int) -> LoraStateDict:
                 return _lora_state(model_patcher, request, network, data, sampler, started, steps, dtype)
@@ -240,8 +260,9 @@ def train_lora(model_patcher, latents, positive, request: LoraTrainingRequest,
                     path, message = checkpoints.save_periodic(step, lora_now(step))
                     events.checkpoint(step, str(path), "periodic", message)
                 if previews is not None and previews.due(step):
-                    path, image = previews.make(train_mp, step)
-                    ensure_loaded(train_mp, request.offloading)
+                    with bf16_weights.released():  # sampling may unload and reload the model
+                        path, image = previews.make(train_mp, step)
+                        ensure_loaded(train_mp, request.offloading)
                     events.sample(step, str(path), image)
                     show_on_node(image, report.step, report.total)
 
@@ -272,6 +293,7 @@ def train_lora(model_patcher, latents, positive, request: LoraTrainingRequest,
             log.info("LoRA Lab: %d steps in %.1fs (%.2f s/step), loss %.4f -> %.4f", len(losses), elapsed,
                      elapsed / max(1, len(losses)), losses[0], losses[-1])
         finally:
+            bf16_weights.release()
             release_patcher(train_mp)
         network.requires_grad_(False)
 

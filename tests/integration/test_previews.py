@@ -18,6 +18,7 @@ import folder_paths
 
 from devkit.comfy_host import execution_error
 from loralab.sampler.lora_training import LoraTrainingRequest, train_lora
+from loralab.sampler import previews
 from loralab.sampler.previews import render
 from loralab.sampler.run_outputs import SampleSettings, TrainingEvents
 from loralab.sampler.train_sampler import TrainConfig
@@ -35,9 +36,9 @@ class Recorder(TrainingEvents):
         self.samples.append((step, path, image))
 
 
-def _request(steps, samples=None):
+def _request(steps, samples=None, dtype="fp32"):
     return LoraTrainingRequest(config=TrainConfig(steps=steps, learning_rate=1e-2, seed=4), rank=4, alpha=4.0,
-                               training_dtype="fp32", gradient_checkpointing=True, samples=samples)
+                               training_dtype=dtype, gradient_checkpointing=True, samples=samples)
 
 
 def test_previews_show_the_live_adapter_and_leave_training_bit_identical(sd15, motif_training_inputs, tmp_path,
@@ -74,6 +75,34 @@ def test_previews_show_the_live_adapter_and_leave_training_bit_identical(sd15, m
     assert (images[0] - base).abs().mean() > 1e-3
     assert (images[1] - images[0]).abs().mean() > 1e-3  # and it keeps changing as training goes on
     assert torch.equal(render(model, settings), base)  # a fixed seed gives the same picture again
+
+
+def test_previews_in_a_bf16_run_sample_the_stored_weights_and_leave_training_bit_identical(
+        sd15, motif_training_inputs, tmp_path, monkeypatch):
+    """A bf16 run holds its frozen fp32 weights as bf16 (sampler/bf16_weights); a preview gives
+    them back for its sampling and takes them again after, losslessly."""
+    model, clip, vae = sd15
+    latents, positive = motif_training_inputs
+    monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path))
+    with torch.inference_mode():
+        prompt = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of lrlb motif"))
+    settings = SampleSettings(every=1, positive=prompt, vae=vae, seed=3, width=64, height=64, steps=1, prefix="bf16/run")
+    layer = model.model.diffusion_model.out[2]  # the output conv: never an adapter target
+    seen = {"preview": [], "step": []}
+
+    def spying_render(patcher, s):
+        seen["preview"].append(layer.weight.dtype)
+        return render(patcher, s)
+
+    monkeypatch.setattr(previews, "render", spying_render)
+    with_previews = train_lora(model, latents[:2], positive[:2], _request(2, settings, "bf16"),
+                               on_step=lambda r: seen["step"].append(layer.weight.dtype))
+    plain = train_lora(model, latents[:2], positive[:2], _request(2, dtype="bf16"))
+    assert seen == {"preview": [torch.float32] * 2, "step": [torch.bfloat16] * 2}
+    a, b = dict(with_previews.network.named_trainables()), dict(plain.network.named_trainables())
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert with_previews.losses == plain.losses
 
 
 async def _watch_with_previews(server, prompt: dict, timeout: float = 300.0):

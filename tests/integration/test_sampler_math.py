@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 import torch
 
 from loralab.adapters.network import AdapterNetwork
 from loralab.adapters.targets import select_targets
+from loralab.sampler import lora_training
+from loralab.sampler.bf16_weights import Bf16Weights
 from loralab.sampler.lora_training import LoraTrainingRequest, attach, load_for_training, release_patcher, train_lora
 from loralab.sampler.train_sampler import TrainConfig, TrainSampler
 from loralab.sampler.training_set import TrainingSet
@@ -70,3 +73,60 @@ def test_16bit_compute_keeps_fp32_master_weights(sd15, motif_training_inputs, dt
     assert all(p.dtype == torch.float32 for p in params.values())
     assert any(p.abs().sum() > 0 for n, p in params.items() if n.endswith("lora_down"))  # it trained (down starts at zero)
     assert result.lora.metadata["ss_mixed_precision"] == dtype
+
+
+@pytest.mark.parametrize("algorithm", ["lora", "dora"])
+def test_bf16_run_holds_frozen_weights_as_bf16_and_gives_them_back_bit_for_bit(sd15, motif_training_inputs,
+                                                                               algorithm):
+    model, _, _ = sd15
+    latents, positive = motif_training_inputs
+    dm = model.model.diffusion_model
+    layers = {n: m for n, m in dm.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    before = {n: p.detach().clone() for n, p in dm.named_parameters()}
+    during = {}
+
+    def on_step(report):
+        during.update({n: m.weight.dtype for n, m in layers.items()})
+
+    request = LoraTrainingRequest(config=TrainConfig(steps=2, learning_rate=1e-3), algorithm=algorithm, rank=4,
+                                  alpha=4.0, training_dtype="bf16", gradient_checkpointing=True)
+    result = train_lora(model, latents[:2], positive[:2], request, on_step=on_step)
+    adapted = set(result.network.names)
+    assert adapted and len(adapted) < len(layers)
+    assert {during[n] for n in layers if n not in adapted} == {torch.bfloat16}
+    # DoRA reads the base weight for its column norms, so its layers keep the stored fp32 weight
+    assert {during[n] for n in adapted} == {torch.float32 if algorithm == "dora" else torch.bfloat16}
+    after = dict(dm.named_parameters())
+    assert after.keys() == before.keys()
+    for name, value in before.items():
+        assert after[name].dtype == value.dtype and torch.equal(after[name], value), name
+
+
+def test_bf16_run_with_held_weights_trains_as_with_a_cast_per_call(sd15, motif_training_inputs, monkeypatch):
+    """Held weights differ from torch's cast only at exact rounding ties (1 in 65536 values). In
+    bf16 any such difference grows to bf16's rounding noise within a few layers, so the updates of
+    the two runs (SGD: the update is the gradient) must differ by no more than a bf16 run differs
+    from the fp32 run."""
+    model, _, _ = sd15
+    latents, positive = motif_training_inputs
+
+    def run(dtype):
+        request = LoraTrainingRequest(config=TrainConfig(steps=2, learning_rate=1.0, seed=2, optimizer="SGD"), rank=4,
+                                      alpha=4.0, training_dtype=dtype, gradient_checkpointing=True)
+        return train_lora(model, latents[:2], positive[:2], request)
+
+    held, fp32 = run("bf16"), run("fp32")
+    monkeypatch.setattr(lora_training, "bf16_weights_for",
+                        lambda mp, *args: Bf16Weights(mp.model.diffusion_model, [], mp.load_device))
+    cast = run("bf16")
+    assert held.losses == pytest.approx(cast.losses, rel=2e-3)
+    a, b, c = (dict(r.network.named_trainables()) for r in (held, cast, fp32))
+    downs = [n for n in a if n.endswith("lora_down")]  # zero at the start: what they hold is the update
+    assert all(a[n].abs().sum() > 0 for n in downs)
+
+    def distance(x, y, name):
+        return float(torch.linalg.vector_norm(x[name] - y[name]) / torch.linalg.vector_norm(y[name]))
+
+    held_vs_cast = statistics.median(distance(a, b, n) for n in downs)
+    bf16_noise = statistics.median(distance(b, c, n) for n in downs)
+    assert held_vs_cast <= 1.5 * bf16_noise

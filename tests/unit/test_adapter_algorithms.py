@@ -354,3 +354,21 @@ def test_bypass_forward_and_backward_read_nothing_back_to_the_host(case, layer_n
         out = adapter.bypass(x, layer(x), layer, 0.5)
         out.square().sum().backward()
     assert reads.count == 0
+
+
+@pytest.mark.parametrize("layer_name", list(LAYERS))
+@pytest.mark.parametrize("case", list(CASES))
+def test_bypass_reads_the_base_weight_only_where_the_adapter_says_so(case, layer_name):
+    """Training holds a layer's weight in another form (bf16 in place) unless its adapter declares
+    that ``bypass`` reads it: the others must compute from the layer's output alone."""
+    layer, adapter = _trained(case, layer_name)
+    x = _input(layer)
+    with torch.no_grad():
+        base_out = _run(layer, x, layer.weight)
+        expected = adapter.bypass(x, base_out, layer)
+        layer.weight.fill_(float("nan"))
+        got = adapter.bypass(x, base_out, layer)
+    if adapter.reads_base_weight:
+        assert torch.isnan(got).any()  # it does read it: the declaration is needed
+    else:
+        assert torch.equal(got, expected)

@@ -314,7 +314,9 @@ NOTES = [
     "(target_layers 'all linear+conv', train_norm_bias on) trains the same set as native.",
     "- **defaults**: native's defaults are read from its schema (bf16 training and adapter weights); LoRA Lab's "
     "are training_dtype 'auto' and lora_dtype 'auto' (bf16 compute where the CPU has bf16 instructions, fp32 "
-    "adapter weights). 'of peak' there is against the matmul peak of the run's training dtype.",
+    "adapter weights). 'of peak' there is against the matmul peak of the run's training dtype. Where both "
+    "compute in bf16 on fp32-stored weights, native casts each weight again at every use; LoRA Lab holds its "
+    "frozen weights as bf16 inside their own storage for the run (`loralab.sampler.bf16_weights`).",
     "- **cost table**: LoRA Lab only, fp32; bypass = adapters as forward hooks, wrapper = weight wrappers that "
     "rebuild W + ΔW on each forward (ComfyUI native's mechanism). s/image = s/step ÷ batch.",
 ]

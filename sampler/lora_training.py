@@ -165,7 +165,7 @@ def attach_for_training(model_patcher, network: AdapterNetwork, bypass: bool) ->
 
 
 def bf16_weights_for(model_patcher, network: AdapterNetwork, dtype: torch.dtype,
-                     request: "LoraTrainingRequest") -> Bf16Weights:
+                     request: LoraTrainingRequest) -> Bf16Weights:
     """The frozen layers a bf16 bypass run holds as bf16 for its steps (see bf16_weights): every
     Linear/Conv but those whose adapter reads the base weight. No layers in other runs: fp32 needs
     no cast, fp16 cannot be split off fp32 bits, and weight wrappers and offloading read the stored

@@ -268,7 +268,9 @@ def markdown(results: dict, summary: dict) -> str:
                   "At every depth, single layers and the piece that runs last are left unchecked (recomputing them "
                   "would save no memory), and so are pieces that free under a third of the densest piece's "
                   "activation bytes per FLOP of recompute, measured by one forward before the first step (in this "
-                  "UNet, the ResBlocks: little memory for two large convolutions). Frozen layers keep nothing for "
+                  "UNet, the ResBlocks: little memory for two large convolutions). That forward prices every frozen "
+                  "3x3 conv as the direct conv, also where training runs it by Winograd, so the choice does not "
+                  "change with the timing probe from one run to the next. Frozen layers keep nothing for "
                   "the backward, so a recompute also stops before the layers that end a piece."]
     lines += ["", "## Targets", "", *_targets_table(summary)]
     lines += ["", "## How each figure is measured", "", *NOTES]

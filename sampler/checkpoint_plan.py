@@ -22,6 +22,7 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from .flop_formulas import flop_counter_mode
+from .winograd import direct_convs
 
 log = logging.getLogger("loralab")
 
@@ -95,11 +96,16 @@ class PieceMeter:
             self.recorder.leave()
 
     def measure(self, forward) -> dict[str, PieceCost]:
-        """Runs ``forward()`` (a training forward with grad enabled) and returns each piece's cost."""
+        """Runs ``forward()`` (a training forward with grad enabled) and returns each piece's cost.
+
+        Frozen 3x3 convs run, and are priced, as torch's direct conv here even where training runs
+        them by Winograd (see winograd.direct_convs): that choice comes from a timing probe, and the
+        plan must not change with it from one run to the next."""
         counter = flop_counter_mode()
         self.recorder = _Recorder(counter)
         try:
-            with counter, torch.autograd.graph.saved_tensors_hooks(self.recorder.pack, _never_unpacked):
+            with counter, direct_convs(), torch.autograd.graph.saved_tensors_hooks(self.recorder.pack,
+                                                                                   _never_unpacked):
                 forward()
             return self.recorder.costs
         finally:

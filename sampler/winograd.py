@@ -20,6 +20,8 @@ measured against torch's own convolution once per call geometry per process (``w
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
 import math
@@ -40,6 +42,8 @@ MIN_POSITIONS = 1024
 MIN_CHANNELS = 64
 
 _measured: dict[str, bool] = {}
+# True inside ``direct_convs``: frozen convs run as torch's direct conv there.
+_DIRECT_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("loralab_winograd_direct_only", default=False)
 
 _B_T = ((1.0, 0.0, -1.0, 0.0), (0.0, 1.0, 1.0, 0.0), (0.0, -1.0, 1.0, 0.0), (0.0, 1.0, 0.0, -1.0))
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
@@ -121,7 +125,7 @@ def winograd_is_faster(batch: int, in_channels: int, out_channels: int, height: 
     """True when this module's conv beats torch's on this CPU for one call geometry, and gives the
     same result. Measured once per geometry per process (a tenth of a second at 32 x 32, about a
     second at 64 x 64 with 960 channels), outside any dispatch mode that is active when a layer first
-    asks (the checkpoint plan's measuring forward, a FLOP counter): they do not see the probe.
+    asks (a FLOP counter): it does not see the probe.
 
     Per geometry, because the answer changes with it: few channels leave the transforms as most of
     the work, and at 64 x 64 the transforms' buffers are large enough that fresh pages for them cost
@@ -149,6 +153,21 @@ def winograd_is_faster(batch: int, in_channels: int, out_channels: int, height: 
     return faster
 
 
+@contextlib.contextmanager
+def direct_convs():
+    """Inside this block frozen convs run as torch's direct conv, whatever the probes chose.
+
+    For a pass that prices work by counting its FLOPs (the checkpoint plan's measuring forward):
+    Winograd's count is 16/36 of the direct conv's, and whether it runs depends on a timing probe,
+    so without this the plan, and the run's memory with it, could change from one process to the
+    next on the same model and settings."""
+    token = _DIRECT_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _DIRECT_ONLY.reset(token)
+
+
 def measured_choices() -> dict[str, bool]:
     """Each call geometry this process has measured, and whether Winograd computes it."""
     return dict(_measured)
@@ -158,8 +177,8 @@ class WinogradWeights:
     """A frozen 3x3 conv's U, built on first use and kept while the layer trains (see ``fits``).
 
     ``applies(x)`` says whether a call on ``x`` computes here: fp32 on the CPU, with at least
-    MIN_POSITIONS positions and MIN_CHANNELS channels each way, where the probe for its geometry
-    measured Winograd faster (the caller makes sure the weight is used as stored, not a cast copy).
+    MIN_POSITIONS positions and MIN_CHANNELS channels each way, outside ``direct_convs``, where the
+    probe for its geometry measured Winograd faster (the caller makes sure the weight is used as stored, not a cast copy).
     U is rebuilt if the weight's storage or version changes (a patch applied in place)."""
 
     def __init__(self, module: torch.nn.Module):
@@ -169,7 +188,7 @@ class WinogradWeights:
 
     def applies(self, x: torch.Tensor) -> bool:
         weight = self.module.weight
-        if not (x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+        if _DIRECT_ONLY.get() or not (x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
                 and x.ndim == 4):
             return False
         batch, channels, height, width = x.shape

@@ -1,5 +1,6 @@
 """Measuring checkpoint pieces: the activation bytes each keeps for backward, the FLOPs its recompute
 runs, and which pieces are worth checkpointing."""
+import pytest
 import torch
 
 from loralab.sampler.checkpoint_plan import PieceCost, PieceMeter, choose_pieces
@@ -105,3 +106,36 @@ def test_choose_pieces_keeps_the_dense_ones():
     alike = {f"block {i}": PieceCost(saved_bytes=10_000_000 + i, recompute_flops=4_000_000_000) for i in range(4)}
     assert choose_pieces(alike) == set(alike)  # a model of like blocks checkpoints all of them
     assert choose_pieces({}) == set()
+
+
+@pytest.mark.parametrize("probe_chose_winograd", [True, False], ids=["probe chose Winograd", "probe chose direct"])
+def test_a_frozen_conv_is_priced_as_the_direct_conv_whatever_its_probe_chose(probe_chose_winograd, monkeypatch):
+    """Training runs a frozen 3x3 conv by Winograd where a timing probe found that faster. The plan
+    counts the direct conv's FLOPs either way, so that it does not change with the probe from one
+    process to the next; training's own calls still follow the probe."""
+    from loralab.sampler import winograd
+    from loralab.sampler.frozen_layers import frozen_forward
+
+    monkeypatch.setattr(winograd, "winograd_is_faster", lambda *geometry: probe_chose_winograd)
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
+    calls = []
+    real_conv = winograd.winograd_conv
+    monkeypatch.setattr(winograd, "winograd_conv", lambda *a, **k: calls.append(1) or real_conv(*a, **k))
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1, bias=False).requires_grad_(False)
+    conv_forward = frozen_forward(conv)
+
+    class ConvSin(torch.nn.Module):
+        def forward(self, x):
+            return conv_forward(conv, x).sin()  # sin keeps the conv's output: the recompute runs the conv
+
+    x = torch.randn(1, 8, 32, 32, requires_grad=True)
+    costs = _measure({"piece": ConvSin()}, x)
+    assert costs["piece"].recompute_flops == 2 * (8 * 3 * 3) * 8 * (32 * 32)  # one MAC per tap, channel, position
+    assert costs["piece"].saved_bytes == 8 * 32 * 32 * 4
+    assert calls == []
+
+    out = ConvSin()(x)
+    assert calls == ([1] if probe_chose_winograd else [])
+    torch.testing.assert_close(out, torch.nn.functional.conv2d(x, conv.weight, padding=1).sin(), rtol=1e-4, atol=1e-4)

@@ -178,7 +178,8 @@ class WinogradWeights:
 
     ``applies(x)`` says whether a call on ``x`` computes here: fp32 on the CPU, with at least
     MIN_POSITIONS positions and MIN_CHANNELS channels each way, outside ``direct_convs``, where the
-    probe for its geometry measured Winograd faster (the caller makes sure the weight is used as stored, not a cast copy).
+    probe for its geometry measured Winograd faster (the caller makes sure the weight is used as
+    stored, not a cast copy).
     U is rebuilt if the weight's storage or version changes (a patch applied in place)."""
 
     def __init__(self, module: torch.nn.Module):
@@ -187,8 +188,10 @@ class WinogradWeights:
         self._stamp: tuple | None = None
 
     def applies(self, x: torch.Tensor) -> bool:
+        if _DIRECT_ONLY.get():
+            return False
         weight = self.module.weight
-        if _DIRECT_ONLY.get() or not (x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+        if not (x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
                 and x.ndim == 4):
             return False
         batch, channels, height, width = x.shape

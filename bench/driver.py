@@ -52,8 +52,8 @@ class Plan:
         ("base", {}), ("batch", {"batch": 2}), ("batch", {"batch": 4}), ("resolution", {"size": 128}),
         ("resolution", {"size": 384}), ("rank", {"rank": 4}), ("rank", {"rank": 16}), ("rank", {"rank": 64})])
     base: dict = field(default_factory=lambda: {"batch": 1, "size": 256, "rank": 8})
-    depth_steps: int = 4
-    depth_rounds: int = 2
+    depth_steps: int = 5
+    depth_rounds: int = 3
     depths: tuple = (0, 1, 2, 3, 4, 5)  # 0 = checkpointing off
 
 
@@ -135,10 +135,13 @@ def run_cost(run: Runner, plan: Plan, encoded: dict) -> list[dict]:
 
 def run_depth(run: Runner, plan: Plan, encoded: dict) -> list[dict]:
     """Ours at each checkpoint_depth (and with checkpointing off): the memory/speed trade-off, in
-    ``depth_rounds`` rounds that go through every depth in turn (this VM's speed drifts)."""
+    ``depth_rounds`` rounds that go through every depth in turn (this VM's speed drifts for minutes
+    at a time, so the report compares each depth with the run without checkpointing of the same
+    round). Each round starts one depth further along, so no depth always runs first or last."""
     runs = {depth: [] for depth in plan.depths}
     for r in range(plan.depth_rounds):
-        for depth in plan.depths:
+        shift = r % len(plan.depths)
+        for depth in plan.depths[shift:] + plan.depths[:shift]:
             extra = ["--side", "ours", "--dtype", "fp32"] + (["--no-checkpointing"] if depth == 0 else ["--depth", depth])
             runs[depth].append(run(*worker_args(plan, encoded, plan.depth_steps, extra),
                                    label=f"checkpoint depth {depth or 'off'} (round {r + 1})"))

@@ -73,14 +73,25 @@ def summarize(results: dict) -> dict:
                     {"s_per_step": r["median_s_per_step"], "s_per_image": r["median_s_per_step"] / row["batch"],
                      "train_mem_mib": r["train_mem_mib"], "process_peak_mib": r["process_peak_mib"],
                      "trainable_params": r["trainable_params"]})
+    return {"fp32": fp32, "defaults": defaults, "cost": cost, "depth": summarize_depth(results.get("depth", []))}
+
+
+def summarize_depth(rows: list[dict]) -> list[dict]:
+    """Each depth's pooled s/step and memory, and its time against checkpointing off run by run:
+    run i of every depth belongs to round i, so the ratio to off's run i compares runs made a minute
+    or two apart, and its median over rounds is the figure least moved by the VM's drift."""
+    runs_by_depth = {row["depth"]: row.get("results") or [row["result"]] for row in rows}  # older: one run
+    off_medians = [r["median_s_per_step"] for r in runs_by_depth.get(0, [])]
     depth = []
-    for row in results.get("depth", []):
-        runs = row.get("results") or [row["result"]]  # one run per depth in results of older benches
-        depth.append({"depth": row["depth"], "s_per_step": _median(_pooled_steps(runs)),
+    for d, runs in runs_by_depth.items():
+        round_ratios = [r["median_s_per_step"] / o for r, o in zip(runs, off_medians) if o]
+        depth.append({"depth": d, "s_per_step": _median(_pooled_steps(runs)),
+                      "round_time_vs_off": round_ratios,
+                      "time_vs_off": _median(round_ratios) if round_ratios else None,
                       "train_mem_mib": _median([r["train_mem_mib"] for r in runs]),
                       "process_peak_mib": _median([r["process_peak_mib"] for r in runs]),
                       "checkpointing": runs[0].get("checkpointing", "")})
-    return {"fp32": fp32, "defaults": defaults, "cost": cost, "depth": depth}
+    return depth
 
 
 # --- markdown -------------------------------------------------------------------------------------
@@ -171,13 +182,14 @@ def _depth_table(depth: list[dict]) -> list[str]:
     off = next((d for d in depth if d["depth"] == 0), None)
     rows = []
     for d in depth:
-        rel_time = d["s_per_step"] / off["s_per_step"] if off else None
         rel_mem = d["train_mem_mib"] / off["train_mem_mib"] if off and off["train_mem_mib"] else None
-        rows.append([str(d["depth"] or "off"), _f(d["s_per_step"]), _f(rel_time, "{:.2f}x"),
+        rounds = ", ".join(f"{r:.2f}x" for r in d.get("round_time_vs_off", [])) or "–"
+        rows.append([str(d["depth"] or "off"), _f(d["s_per_step"]), _f(d.get("time_vs_off"), "{:.2f}x"), rounds,
                      _f(d["train_mem_mib"], "{:.0f} MiB"), _f(rel_mem, "{:.2f}x"), _f(d["process_peak_mib"], "{:.0f} MiB"),
                      d.get("checkpointing") or "–"])
-    return _table(["checkpoint_depth", "s/step", "time vs off", "training memory", "memory vs off",
-                   "process peak RSS", "pieces recomputed (measured before step 1)"], rows)
+    return _table(["checkpoint_depth", "s/step", "time vs off (median of rounds)", "same-round time vs off",
+                   "training memory", "memory vs off", "process peak RSS",
+                   "pieces recomputed (measured before step 1)"], rows)
 
 
 # The issue's targets: (label, arm, figure, how it compares, threshold).
@@ -261,7 +273,7 @@ def markdown(results: dict, summary: dict) -> str:
     if summary.get("depth"):
         lines += ["", f"## Gradient checkpointing: memory/speed at each checkpoint_depth (LoRA Lab, fp32, bypass, "
                       f"batch {base['batch']}, {base['size']} px, rank {base['rank']}, {plan.get('depth_rounds', 1)} round(s) of "
-                      f"{plan['depth_steps']} steps each, medians over all steps)", "",
+                      f"{plan['depth_steps']} steps each; s/step and memory are medians over all runs, time vs off compares each run with the run without checkpointing of its round)", "",
                   *_depth_table(summary["depth"]), "",
                   "Depth 1 checkpoints whole blocks (fewest stored activations); each deeper level checkpoints "
                   "smaller pieces, so fewer activations are recomputed per piece but more piece boundaries are kept. "

@@ -6,7 +6,8 @@ Order of work (each bullet a series of subprocesses of run_bench.py):
   * peak: best fp32 and bf16 torch.mm FLOP/s on this machine;
   * fp32 A/B: native, ours, ours with native's layer set, alternating, ``rounds`` times; the first
     round also evaluates held-out loss and counts the FLOPs of one step;
-  * defaults: each side at its own default dtypes (short), with FLOPs;
+  * defaults: each side at its own default dtypes, with FLOPs (one short round where bf16 is
+    emulated, three where the CPU has bf16 instructions);
   * cost: ours over batch / resolution / rank around the base point, bypass and wrapper modes.
 """
 from __future__ import annotations
@@ -46,6 +47,10 @@ class Plan:
     arms: tuple = ("native", "ours", "ours_matched")
     default_rounds: int = 1
     default_steps: int = 3  # bf16 where it is emulated (no bf16 instructions) takes minutes a step
+    # Where the CPU has bf16 instructions, native's bf16 default takes seconds a step: enough time
+    # for as many rounds as the fp32 comparison's drift calls for.
+    default_rounds_bf16_cpu: int = 3
+    default_steps_bf16_cpu: int = 5
     cost_steps: int = 3
     cost_modes: tuple = ("bypass", "wrapper")
     cost_cells: list = field(default_factory=lambda: [
@@ -187,6 +192,8 @@ def run_driver(argv: list[str]) -> int:
     try:
         info = machine_info()
         print(f"[bench] {info['cpu']}, {info['cores']} cores, torch {info['torch']}; logs in {workdir}", flush=True)
+        if info["bf16_flags"] and not args.quick:
+            plan.default_rounds, plan.default_steps = plan.default_rounds_bf16_cpu, plan.default_steps_bf16_cpu
         sizes = sorted({plan.base["size"]} | {c.get("size", plan.base["size"]) for _, c in plan.cost_cells})
         encoded = {}
         for size in sizes:

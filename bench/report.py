@@ -53,19 +53,22 @@ def summarize_arm(runs: list[dict], peak: dict) -> dict:
     }
 
 
-def summarize(results: dict) -> dict:
-    peak = results["peak"]
-    fp32 = {arm: summarize_arm(runs, peak) for arm, runs in results["fp32"].items()}
-    native = fp32.get("native", {}).get("s_per_step")
-    native_rounds = fp32.get("native", {}).get("run_medians", [])
-    for arm, s in fp32.items():
+def _with_speedups(arms: dict) -> dict:
+    """Each arm's speed against native's: pooled medians, and run by run within each round."""
+    native = arms.get("native", {}).get("s_per_step")
+    native_rounds = arms.get("native", {}).get("run_medians", [])
+    for s in arms.values():
         s["speedup_vs_native"] = native / s["s_per_step"] if native and s["s_per_step"] else None
         # Same-round ratios: the runs of one round ran within a minute or two of each other.
         s["round_speedups"] = [n / m for n, m in zip(native_rounds, s["run_medians"]) if m]
-    defaults = {side: summarize_arm(runs, peak) for side, runs in results.get("defaults", {}).items() if runs}
-    native_d = defaults.get("native", {}).get("s_per_step")
-    for s in defaults.values():
-        s["speedup_vs_native"] = native_d / s["s_per_step"] if native_d and s["s_per_step"] else None
+    return arms
+
+
+def summarize(results: dict) -> dict:
+    peak = results["peak"]
+    fp32 = _with_speedups({arm: summarize_arm(runs, peak) for arm, runs in results["fp32"].items()})
+    defaults = _with_speedups({side: summarize_arm(runs, peak)
+                               for side, runs in results.get("defaults", {}).items() if runs})
     cost = []
     for row in results.get("cost", []):
         r = row["result"]

@@ -276,7 +276,8 @@ def markdown(results: dict, summary: dict) -> str:
     if summary.get("depth"):
         lines += ["", f"## Gradient checkpointing: memory/speed at each checkpoint_depth (LoRA Lab, fp32, bypass, "
                       f"batch {base['batch']}, {base['size']} px, rank {base['rank']}, {plan.get('depth_rounds', 1)} round(s) of "
-                      f"{plan['depth_steps']} steps each; s/step and memory are medians over all runs, time vs off compares each run with the run without checkpointing of its round)", "",
+                      f"{plan['depth_steps']} steps each; s/step and memory are medians over all runs, time vs off "
+                      "compares each run with the run without checkpointing of its round)", "",
                   *_depth_table(summary["depth"]), "",
                   "Depth 1 checkpoints whole blocks (fewest stored activations); each deeper level checkpoints "
                   "smaller pieces, so fewer activations are recomputed per piece but more piece boundaries are kept. "

@@ -8,7 +8,9 @@ Order of work (each bullet a series of subprocesses of run_bench.py):
     round also evaluates held-out loss and counts the FLOPs of one step;
   * defaults: each side at its own default dtypes, with FLOPs (one short round where bf16 is
     emulated, three where the CPU has bf16 instructions);
-  * cost: ours over batch / resolution / rank around the base point, bypass and wrapper modes.
+  * cost: ours over batch / resolution / rank around the base point, bypass and wrapper modes;
+  * depth: ours at each checkpoint_depth and with checkpointing off, in rotated rounds;
+  * layers: ours on each target_layers preset, with held-out loss after the fp32 runs' steps.
 """
 from __future__ import annotations
 
@@ -39,6 +41,16 @@ ARMS = {
     "ours_matched": ("LoRA Lab, native's layer set", ["--side", "ours", "--targets", "all linear+conv", "--norm-bias"]),
 }
 
+# The layer-set section's runs (fp32, with held-out loss): each target_layers preset, and native's set.
+LAYER_SETS = {
+    "attention": ("attention", ["--targets", "attention"]),
+    "attention+feed-forward": ("attention + feed-forward (default)", ["--targets", "attention+feed-forward"]),
+    "all linear": ("all linear", ["--targets", "all linear"]),
+    "all linear+conv": ("all linear + conv", ["--targets", "all linear+conv"]),
+    "native": ("all linear + conv + norm/bias offsets (native's layer set)",
+               ["--targets", "all linear+conv", "--norm-bias"]),
+}
+
 
 @dataclass
 class Plan:
@@ -60,11 +72,13 @@ class Plan:
     depth_steps: int = 5
     depth_rounds: int = 3
     depths: tuple = (0, 1, 2, 3, 4, 5)  # 0 = checkpointing off
+    layer_sets: tuple = tuple(LAYER_SETS)  # one run each, as many steps as the fp32 runs
 
 
 def quick_plan() -> Plan:
     return Plan(rounds=1, steps=2, arms=("native", "ours"), default_steps=2, cost_steps=2,
-                cost_cells=[("base", {}), ("resolution", {"size": 128})], depth_steps=2, depth_rounds=1, depths=(0, 1))
+                cost_cells=[("base", {}), ("resolution", {"size": 128})], depth_steps=2, depth_rounds=1, depths=(0, 1),
+                layer_sets=("attention", "native"))
 
 
 class WorkerError(RuntimeError):
@@ -153,6 +167,18 @@ def run_depth(run: Runner, plan: Plan, encoded: dict) -> list[dict]:
     return [{"depth": depth, "results": results} for depth, results in runs.items()]
 
 
+def run_layers(run: Runner, plan: Plan, encoded: dict) -> list[dict]:
+    """Ours on each layer set, with the held-out loss after as many steps as the fp32 runs took: how
+    much of native's loss per step each preset reaches, and at what cost per step."""
+    rows = []
+    for key in plan.layer_sets:
+        label, extra = LAYER_SETS[key]
+        result = run(*worker_args(plan, encoded, plan.steps, ["--side", "ours", "--dtype", "fp32", "--eval", *extra]),
+                     label=f"layer set: {label}")
+        rows.append({"key": key, "label": label, "result": result})
+    return rows
+
+
 def machine_info() -> dict:
     cpu = platform.processor() or ""
     try:
@@ -177,7 +203,7 @@ def run_driver(argv: list[str]) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny version of everything (end-to-end check)")
     parser.add_argument("--rounds", type=int, help="fp32 A/B rounds")
     parser.add_argument("--steps", type=int, help="steps of each fp32 A/B run (the first is warm-up)")
-    parser.add_argument("--skip", action="append", default=[], choices=("defaults", "cost", "depth"),
+    parser.add_argument("--skip", action="append", default=[], choices=("defaults", "cost", "depth", "layers"),
                         help="leave a part out")
     parser.add_argument("--out", default=str(HERE), help="folder for results.md / results.json")
     parser.add_argument("--keep-logs", action="store_true", help="keep the workers' logs (their folder is printed)")
@@ -204,6 +230,7 @@ def run_driver(argv: list[str]) -> int:
         defaults = run_defaults(run, plan, encoded) if "defaults" not in args.skip else {}
         cost = run_cost(run, plan, encoded) if "cost" not in args.skip else []
         depth = run_depth(run, plan, encoded) if "depth" not in args.skip else []
+        layers = run_layers(run, plan, encoded) if "layers" not in args.skip else []
     except WorkerError as e:
         print(f"\n[bench] {e}", file=sys.stderr)
         print(f"[bench] logs kept in {workdir}", file=sys.stderr)
@@ -211,7 +238,7 @@ def run_driver(argv: list[str]) -> int:
     total = time.perf_counter() - started
     results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "quick": args.quick,
                "machine": info, "plan": asdict(plan), "peak": peak, "fp32": fp32, "defaults": defaults,
-               "cost": cost, "depth": depth, "total_wall_s": total}
+               "cost": cost, "depth": depth, "layers": layers, "total_wall_s": total}
     summary = report.summarize(results)
     results["summary"] = summary
     text = report.markdown(results, summary)

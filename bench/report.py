@@ -76,7 +76,16 @@ def summarize(results: dict) -> dict:
                     {"s_per_step": r["median_s_per_step"], "s_per_image": r["median_s_per_step"] / row["batch"],
                      "train_mem_mib": r["train_mem_mib"], "process_peak_mib": r["process_peak_mib"],
                      "trainable_params": r["trainable_params"]})
-    return {"fp32": fp32, "defaults": defaults, "cost": cost, "depth": summarize_depth(results.get("depth", []))}
+    return {"fp32": fp32, "defaults": defaults, "cost": cost, "depth": summarize_depth(results.get("depth", [])),
+            "layers": summarize_layers(results.get("layers", []))}
+
+
+def summarize_layers(rows: list[dict]) -> list[dict]:
+    """Each layer set's one run: what trains, its s/step and memory, and its held-out loss."""
+    return [{"key": row["key"], "label": row["label"], "s_per_step": row["result"]["median_s_per_step"],
+             "train_mem_mib": row["result"]["train_mem_mib"], "eval": row["result"].get("eval"),
+             **{k: row["result"].get(k, 0) for k in ("trainable_params", "adapted_layers", "norm_bias_offsets")}}
+            for row in rows]
 
 
 def summarize_depth(rows: list[dict]) -> list[dict]:
@@ -195,6 +204,19 @@ def _depth_table(depth: list[dict]) -> list[str]:
                    "pieces recomputed (measured before step 1)"], rows)
 
 
+def _layers_table(layers: list[dict], native_eval: dict | None) -> list[str]:
+    native = native_eval["trained"] if native_eval else None
+    rows = []
+    for row in layers:
+        e = row["eval"]
+        trained = e["trained"] if e else None
+        rows.append([row["label"], f"{row['adapted_layers']} + {row['norm_bias_offsets']}",
+                     f"{row['trainable_params']:,}", _f(row["s_per_step"]), _f(row["train_mem_mib"], "{:.0f} MiB"),
+                     _f(trained, "{:.4f}"), _f(trained / native if trained and native else None, "{:.2f}x")])
+    return _table(["target_layers", "adapted layers + offsets", "trainable parameters", "s/step (one run)",
+                   "training memory", "held-out loss", f"vs native's ({_f(native, '{:.4f}')})"], rows)
+
+
 # The issue's targets: (label, arm, figure, how it compares, threshold).
 TARGETS = [
     ("speed vs native at equal settings (fp32)", "fp32", "speed", ">=", 2.5),
@@ -288,6 +310,13 @@ def markdown(results: dict, summary: dict) -> str:
                   "3x3 conv as the direct conv, also where training runs it by Winograd, so the choice does not "
                   "change with the timing probe from one run to the next. Frozen layers keep nothing for "
                   "the backward, so a recompute also stops before the layers that end a piece."]
+    if summary.get("layers"):
+        native_eval = (fp32.get("native") or {}).get("eval")
+        lines += ["", f"## Held-out loss by target_layers (LoRA Lab, fp32, {plan['steps']} steps, one run each)", "",
+                  *_layers_table(summary["layers"], native_eval), "",
+                  "The held-out loss is the same from run to run for a given setting (seeded data order, noise and "
+                  "initialisation); s/step is one run's median, which this VM's drift moves by up to about 15%, so "
+                  "the speed figures are the fp32 table's."]
     lines += ["", "## Targets", "", *_targets_table(summary)]
     lines += ["", "## How each figure is measured", "", *NOTES]
     return "\n".join(lines) + "\n"
@@ -328,8 +357,9 @@ NOTES = [
     "LoRA Lab's through its returned model. Native trains on MSE of the denoised latent, LoRA Lab on MSE in "
     "prediction space (epsilon); the held-out metric is the same for both.",
     "- **layer sets**: native adapts every linear and conv layer and trains an offset for every norm weight and "
-    "bias; LoRA Lab's default adapts the attention and feed-forward layers only. The 'native's layer set' row "
-    "(target_layers 'all linear+conv', train_norm_bias on) trains the same set as native.",
+    "bias; LoRA Lab's default adapts the transformer blocks' attention and feed-forward layers and their 1x1 "
+    "projections only (kohya's LoRA set). The 'native's layer set' row (target_layers 'all linear+conv', "
+    "train_norm_bias on) trains the same set as native; the target_layers table trains each preset in turn.",
     "- **defaults**: native's defaults are read from its schema (bf16 training and adapter weights); LoRA Lab's "
     "are training_dtype 'auto' and lora_dtype 'auto' (bf16 compute where the CPU has bf16 instructions, fp32 "
     "adapter weights). 'of peak' there is against the matmul peak of the run's training dtype. Where both "

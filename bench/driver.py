@@ -33,12 +33,15 @@ HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "run_bench.py"
 RESULT_TAG = "BENCH_RESULT "
 
+# Every linear and conv layer plus norm/bias offsets: the set native's TrainLoraNode trains.
+NATIVE_LAYER_SET = ["--targets", "all linear+conv", "--norm-bias"]
+
 # The fp32 comparison's arms: (key, label, worker arguments).
 ARMS = {
     "native": ("ComfyUI native", ["--side", "native"]),
     "ours": ("LoRA Lab", ["--side", "ours"]),
-    # Same trainable set as native (every linear and conv layer plus norm/bias offsets): same work.
-    "ours_matched": ("LoRA Lab, native's layer set", ["--side", "ours", "--targets", "all linear+conv", "--norm-bias"]),
+    # Same trainable set as native: same work.
+    "ours_matched": ("LoRA Lab, native's layer set", ["--side", "ours", *NATIVE_LAYER_SET]),
 }
 
 # The layer-set section's runs (fp32, with held-out loss): each target_layers preset, and native's set.
@@ -47,8 +50,7 @@ LAYER_SETS = {
     "attention+feed-forward": ("attention + feed-forward (default)", ["--targets", "attention+feed-forward"]),
     "all linear": ("all linear", ["--targets", "all linear"]),
     "all linear+conv": ("all linear + conv", ["--targets", "all linear+conv"]),
-    "native": ("all linear + conv + norm/bias offsets (native's layer set)",
-               ["--targets", "all linear+conv", "--norm-bias"]),
+    "native": ("all linear + conv + norm/bias offsets (native's layer set)", NATIVE_LAYER_SET),
 }
 
 

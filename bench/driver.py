@@ -52,6 +52,8 @@ LAYER_SETS = {
     "all linear+conv": ("all linear + conv", ["--targets", "all linear+conv"]),
     "native": ("all linear + conv + norm/bias offsets (native's layer set)", NATIVE_LAYER_SET),
 }
+# Layer sets that an fp32 arm already trains, with --eval, in its first round: the same seeded run.
+LAYER_SET_ARMS = {"attention+feed-forward": "ours", "native": "ours_matched"}
 
 
 @dataclass
@@ -169,14 +171,17 @@ def run_depth(run: Runner, plan: Plan, encoded: dict) -> list[dict]:
     return [{"depth": depth, "results": results} for depth, results in runs.items()]
 
 
-def run_layers(run: Runner, plan: Plan, encoded: dict) -> list[dict]:
+def run_layers(run: Runner, plan: Plan, encoded: dict, fp32: dict[str, list[dict]]) -> list[dict]:
     """Ours on each layer set, with the held-out loss after as many steps as the fp32 runs took: how
-    much of native's loss per step each preset reaches, and at what cost per step."""
+    much of native's loss per step each preset reaches, and at what cost per step. A set that an
+    fp32 arm trains takes that arm's first-round run (same seed and steps) instead of a new one."""
     rows = []
     for key in plan.layer_sets:
         label, extra = LAYER_SETS[key]
-        result = run(*worker_args(plan, encoded, plan.steps, ["--side", "ours", "--dtype", "fp32", "--eval", *extra]),
-                     label=f"layer set: {label}")
+        same_run = fp32.get(LAYER_SET_ARMS.get(key))
+        result = same_run[0] if same_run else run(
+            *worker_args(plan, encoded, plan.steps, ["--side", "ours", "--dtype", "fp32", "--eval", *extra]),
+            label=f"layer set: {label}")
         rows.append({"key": key, "label": label, "result": result})
     return rows
 
@@ -232,7 +237,7 @@ def run_driver(argv: list[str]) -> int:
         defaults = run_defaults(run, plan, encoded) if "defaults" not in args.skip else {}
         cost = run_cost(run, plan, encoded) if "cost" not in args.skip else []
         depth = run_depth(run, plan, encoded) if "depth" not in args.skip else []
-        layers = run_layers(run, plan, encoded) if "layers" not in args.skip else []
+        layers = run_layers(run, plan, encoded, fp32) if "layers" not in args.skip else []
     except WorkerError as e:
         print(f"\n[bench] {e}", file=sys.stderr)
         print(f"[bench] logs kept in {workdir}", file=sys.stderr)

@@ -36,10 +36,8 @@ log = logging.getLogger("loralab")
 
 # At 32 x 32 positions a call's 16 matmuls are 256 blocks wide, where they run near full speed and
 # the saving per byte of U is largest; smaller maps save less per byte than U costs in memory.
-# Measured on the bench CPU: a 640 -> 640 conv at 16 x 16 runs 1.4-1.5x faster by Winograd, but
-# saves ~0.3 ms per MiB of U per training step against ~0.7-0.85 at 32 x 32. In the tiny SD1.5
-# UNet the 16 x 16 layers would keep ~275 MiB of U (over a third of native's training memory) for
-# a step ~3% shorter, and building U per call instead of keeping it costs more than it saves.
+# A 16 x 16 call is faster by Winograd too, but its wide-channel layers hold the largest U for the
+# smallest saving per step, and building U per call instead of keeping it costs more than it saves.
 MIN_POSITIONS = 1024
 # Below this many input or output channels the transforms cost about as much as the multiplies they
 # save (measured: 64 -> 320 and 320 -> 64 at 32 x 32 run no faster), so such layers are not probed.

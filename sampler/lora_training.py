@@ -6,6 +6,7 @@ guarantees the training-only patches (checkpointing) never outlive the run.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -266,7 +267,8 @@ def train_lora(model_patcher, latents, positive, request: LoraTrainingRequest,
                     events.sample(step, str(path), image)
                     show_on_node(image, report.step, report.total)
 
-            sampler = TrainSampler(train_mp, network.named_trainables(), data, request.config, report_step)
+            config = dataclasses.replace(request.config, compute_dtype=dtype)
+            sampler = TrainSampler(train_mp, network.named_trainables(), data, config, report_step)
             if plan is not None:
                 checkpointing = plan.measure(sampler.probe_forward)
                 log.info("LoRA Lab: gradient checkpointing at depth %d: %s", request.checkpoint_depth, checkpointing)

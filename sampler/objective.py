@@ -53,15 +53,11 @@ def denoising_loss(x0_pred: torch.Tensor, x0: torch.Tensor, scale: torch.Tensor,
     return per_sample if per_item else per_sample.mean()
 
 
-def model_loss(model_patcher, x0, conds, noise, sigma, loss_fn, per_item: bool = False, autocast=None) -> torch.Tensor:
+def model_loss(model_patcher, x0, conds, noise, sigma, loss_fn, per_item: bool = False) -> torch.Tensor:
     """Noises ``x0`` at ``sigma``, runs the (loaded) patcher's model and returns its loss."""
     model = model_patcher.model
     sampling = model.model_sampling
     xt = noised_input(sampling, sigma, noise, x0)
     options = dict(model_patcher.model_options.get("transformer_options", {}))
-    if autocast is None:
-        x0_pred = model.apply_model(xt, sigma, transformer_options=options, **conds)
-    else:
-        with autocast:
-            x0_pred = model.apply_model(xt, sigma, transformer_options=options, **conds)
+    x0_pred = model.apply_model(xt, sigma, transformer_options=options, **conds)
     return denoising_loss(x0_pred, x0, output_space_scale(sampling, sigma, x0.ndim), loss_fn, per_item)

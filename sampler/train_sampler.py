@@ -8,7 +8,7 @@ so a run is reproducible from (seed, step).
 """
 from __future__ import annotations
 
-import contextlib
+import logging
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -17,10 +17,13 @@ import torch
 
 import comfy.model_management
 
+from .loss_scaling import LossScaler
 from .objective import loss_function, model_loss, sample_sigmas
 from . import train_state
 from .optimizers import make_optimizer
 from .training_set import TrainingSet
+
+log = logging.getLogger("loralab")
 
 
 @dataclass
@@ -32,7 +35,7 @@ class TrainConfig:
     optimizer: str = "AdamW"
     loss_function: str = "MSE"
     seed: int = 0
-    compute_dtype: torch.dtype = torch.float32
+    compute_dtype: torch.dtype = torch.float32  # the model's; fp16 turns on loss scaling
 
 
 @dataclass
@@ -65,10 +68,7 @@ class TrainSampler:
         self.optimizer = make_optimizer(config.optimizer, self.parameters, config.learning_rate)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.device = model_patcher.load_device
-        half = config.compute_dtype in (torch.float16, torch.bfloat16)
-        self.autocast = (torch.autocast(self.device.type, dtype=config.compute_dtype) if half
-                         else contextlib.nullcontext())
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.compute_dtype == torch.float16)
+        self.scaler = LossScaler(enabled=config.compute_dtype == torch.float16)
 
     def draw(self):
         """The next micro-batch: (x0, conds, noise, sigma), all from the seeded generator."""
@@ -84,11 +84,11 @@ class TrainSampler:
         bucket = max(self.data.buckets, key=lambda b: b.latents[0].numel())
         x0, conds = bucket.select(torch.tensor([0]))
         sigma = sample_sigmas(self.patcher.model.model_sampling, torch.tensor([0.5])).to(x0.device)
-        return model_loss(self.patcher, x0, conds, torch.zeros_like(x0), sigma, self.loss_fn, autocast=self.autocast)
+        return model_loss(self.patcher, x0, conds, torch.zeros_like(x0), sigma, self.loss_fn)
 
     def _micro_batch_loss(self) -> torch.Tensor:
         x0, conds, noise, sigma = self.draw()
-        return model_loss(self.patcher, x0, conds, noise, sigma, self.loss_fn, autocast=self.autocast)
+        return model_loss(self.patcher, x0, conds, noise, sigma, self.loss_fn)
 
     def step(self) -> float:
         """One optimizer step over the accumulated micro-batches; returns their mean loss."""
@@ -97,17 +97,17 @@ class TrainSampler:
         for _ in range(accumulate):
             comfy.model_management.throw_exception_if_processing_interrupted()
             loss = self._micro_batch_loss()
-            self.scaler.scale(loss / accumulate).backward()
+            self.scaler.scale_loss(loss / accumulate).backward()
             total += loss.detach().float().cpu()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        self.scaler.step(self.optimizer, self.parameters)
         self.optimizer.zero_grad(set_to_none=True)
         return float(total) / accumulate
 
     def capture_state(self, fingerprint: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """Everything needed to continue exactly where this run stands (see train_state)."""
         orders = [list(b.order) for b in self.data.buckets]
-        return train_state.capture(self.optimizer, self.names, self.generator, orders, self.completed_steps, fingerprint)
+        return train_state.capture(self.optimizer, self.names, self.generator, orders, self.completed_steps, fingerprint,
+                                   self.scaler.state() if self.scaler.enabled else None)
 
     def restore_state(self, state) -> None:
         """Continues from a captured state: optimizer moments, RNG, data order and step count.
@@ -118,11 +118,22 @@ class TrainSampler:
         tensors, metadata = state
         with torch.inference_mode(False):
             tensors = {key: value.clone() for key, value in tensors.items()}
-        step, orders = train_state.restore((tensors, metadata), self.optimizer, self.names, self.generator)
+        step, orders, loss_scale = train_state.restore((tensors, metadata), self.optimizer, self.names, self.generator)
         self.completed_steps = step
-        if len(orders) == len(self.data.buckets):
+        if loss_scale is not None and self.scaler.enabled:
+            self.scaler.load_state(loss_scale)
+        if self._orders_fit(orders):
             for bucket, order in zip(self.data.buckets, orders):
                 bucket.order = list(order)
+        else:
+            log.warning("LoRA Lab: the images differ from those the training state was made on; continuing "
+                        "with a fresh image order")
+
+    def _orders_fit(self, orders: list[list[int]]) -> bool:
+        """Whether saved data orders can continue on this run's buckets: as many buckets, and every
+        saved index inside its bucket."""
+        return len(orders) == len(self.data.buckets) and all(
+            all(0 <= i < len(bucket) for i in order) for bucket, order in zip(self.data.buckets, orders))
 
     def _position(self) -> tuple[torch.Tensor, list[list[int]]]:
         """Where the random stream and the data order stand (cheap; taken before every step)."""

@@ -1,4 +1,5 @@
-"""Resumable training state: optimizer moments, the RNG, the data order and the step.
+"""Resumable training state: optimizer moments, the RNG, the data order, the step and (fp16) the
+loss scale.
 
 Saved beside an adapter file as ``<name>.trainstate`` (safetensors content; an extension that
 ComfyUI's LoRA lists do not show), so the ``.safetensors`` stays a plain adapter every tool reads.
@@ -26,7 +27,8 @@ def state_path_for(adapter_path: str | os.PathLike) -> Path:
 
 
 def capture(optimizer: torch.optim.Optimizer, names: list[str], generator: torch.Generator,
-            orders: list[list[int]], step: int, fingerprint: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+            orders: list[list[int]], step: int, fingerprint: dict,
+            loss_scale: dict | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors + metadata describing where training stands."""
     sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {"rng": generator.get_state().clone()}
@@ -40,6 +42,8 @@ def capture(optimizer: torch.optim.Optimizer, names: list[str], generator: torch
     groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
     metadata = {"step": str(step), "names": json.dumps(names), "param_groups": json.dumps(groups),
                 "scalars": json.dumps(scalars), "orders": json.dumps(orders), "fingerprint": json.dumps(fingerprint)}
+    if loss_scale is not None:
+        metadata["loss_scale"] = json.dumps(loss_scale)
     return tensors, metadata
 
 
@@ -56,9 +60,9 @@ def load(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 
 def restore(state: tuple[dict[str, torch.Tensor], dict[str, str]], optimizer: torch.optim.Optimizer,
-            names: list[str], generator: torch.Generator) -> tuple[int, list[list[int]]]:
-    """Loads optimizer moments and the RNG; returns (step, data orders). Raises ValueError when the
-    state belongs to a different set of parameters."""
+            names: list[str], generator: torch.Generator) -> tuple[int, list[list[int]], dict | None]:
+    """Loads optimizer moments and the RNG; returns (step, data orders, loss scale state or None).
+    Raises ValueError when the state belongs to a different set of parameters."""
     tensors, metadata = state
     saved_names = json.loads(metadata["names"])
     if sorted(saved_names) != sorted(names):
@@ -77,4 +81,5 @@ def restore(state: tuple[dict[str, torch.Tensor], dict[str, str]], optimizer: to
         group.update({k: v for k, v in saved.items() if k not in ("lr",)})
     optimizer.load_state_dict(sd)
     generator.set_state(tensors["rng"])
-    return int(metadata["step"]), json.loads(metadata.get("orders", "[]"))
+    loss_scale = metadata.get("loss_scale")
+    return int(metadata["step"]), json.loads(metadata.get("orders", "[]")), json.loads(loss_scale) if loss_scale else None

@@ -121,6 +121,10 @@ class TrainingSet:
         bucket = self.buckets[int(torch.multinomial(weights, 1, generator=generator))] if len(self.buckets) > 1 else self.buckets[0]
         take = min(batch_size, len(bucket))
         if len(bucket.order) < take:
-            bucket.order += torch.randperm(len(bucket), generator=generator).tolist()
+            fresh = torch.randperm(len(bucket), generator=generator).tolist()
+            pending = set(bucket.order)
+            # A batch that spans two epochs must not hold an image twice: the new epoch's copies of
+            # the images still pending from the last one go to its end.
+            bucket.order += [i for i in fresh if i not in pending] + [i for i in fresh if i in pending]
         index, bucket.order = bucket.order[:take], bucket.order[take:]
         return bucket.select(torch.tensor(index))

@@ -1,6 +1,7 @@
 """TrainSampler arithmetic on the real model: gradient accumulation and 16-bit compute."""
 from __future__ import annotations
 
+import json
 import math
 import statistics
 
@@ -73,6 +74,9 @@ def test_16bit_compute_keeps_fp32_master_weights(sd15, motif_training_inputs, dt
     assert all(p.dtype == torch.float32 for p in params.values())
     assert any(p.abs().sum() > 0 for n, p in params.items() if n.endswith("lora_down"))  # it trained (down starts at zero)
     assert result.lora.metadata["ss_mixed_precision"] == dtype
+    # fp16 compute scales its loss (and saves the scale with the run's state); bf16 needs no scaling
+    saved_scale = result.lora.train_state[1].get("loss_scale")
+    assert (json.loads(saved_scale)["scale"] > 1 if dtype == "fp16" else saved_scale is None)
 
 
 @pytest.mark.parametrize("algorithm", ["lora", "dora"])

@@ -6,7 +6,7 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from .dataset import RESIZE_METHODS, load_image_set, load_selected_images, stack_images
+from .dataset import RESIZE_METHODS, folder_fingerprint, load_image_set, load_selected_images, stack_images
 from .dataset.buckets import apply_buckets, tensor_to_pil
 
 CATEGORY = "LoRA Lab"
@@ -26,6 +26,11 @@ def _size_inputs():
         io.Int.Input("width", default=512, min=8, max=8192, step=8, tooltip="Target width (ignored by None)."),
         io.Int.Input("height", default=512, min=8, max=8192, step=8, tooltip="Target height (ignored by None)."),
     ]
+
+
+def _input_folder(folder):
+    """The folder the user picked, under ComfyUI's input directory (an absolute path stays as is)."""
+    return os.path.join(folder_paths.get_input_directory(), folder)
 
 
 def _finish(image_set, resize_method, width, height, bucketing):
@@ -57,8 +62,17 @@ class LoadImageSet(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, folder, **_):
+        """Changes when the folder's images or captions change on disk.
+
+        Without it ComfyUI keys its cache on the folder name alone and would reuse the old images
+        and captions after the user edits a .txt or adds, removes or replaces an image.
+        """
+        return folder_fingerprint(_input_folder(folder))
+
+    @classmethod
     def execute(cls, folder, resize_method, width, height, default_caption, bucketing):
-        path = os.path.join(folder_paths.get_input_directory(), folder)
+        path = _input_folder(folder)
         image_set = load_image_set(path, "None" if bucketing else resize_method, width, height, default_caption)
         return _finish(image_set, resize_method, width, height, bucketing)
 

@@ -1,8 +1,10 @@
 """Loading training images and captions from a folder or a user selection (no ComfyUI imports)."""
 from .errors import DatasetError
+from .fingerprint import folder_fingerprint
 from .image_folder import (
     IMAGE_EXTENSIONS,
     ImageSet,
+    caption_file,
     list_image_files,
     load_image_set,
     load_selected_images,
@@ -17,6 +19,8 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageSet",
     "RESIZE_METHODS",
+    "caption_file",
+    "folder_fingerprint",
     "list_image_files",
     "load_image_set",
     "load_selected_images",

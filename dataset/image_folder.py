@@ -70,9 +70,14 @@ def list_image_files(folder: Union[str, Path]) -> list[Path]:
     return sorted(files, key=lambda p: (_natural_key(p.stem), p.suffix.lower(), p.name))
 
 
+def caption_file(image_path: Union[str, Path]) -> Path:
+    """Where the caption of ``image_path`` lives: the same name with .txt (photo.png -> photo.txt)."""
+    return Path(image_path).with_suffix(".txt")
+
+
 def read_caption(image_path: Union[str, Path], default_caption: str = "") -> str:
     """Text of the same-named .txt file, or ``default_caption`` if it is missing or blank."""
-    caption_path = Path(image_path).with_suffix(".txt")
+    caption_path = caption_file(image_path)
     if not caption_path.is_file():
         return default_caption
     try:

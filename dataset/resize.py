@@ -14,6 +14,9 @@ RESIZE_METHODS = ("None", "Stretch", "Crop", "Pad")
 MIN_SIZE = 8  # smaller targets cannot survive the VAE's 8x downscale
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white (see to_rgb)
 PAD_COLOR = (0, 0, 0)  # the bars Pad adds are black
+HIGH_DEPTH_MODES = ("I", "I;16", "I;16L", "I;16B", "F")
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+FLOAT_WHITE_LEVELS = (1.0, 255.0, 65535.0)  # float files from normalised, 8-bit and 16-bit data
 
 _LANCZOS = getattr(Image, "Resampling", Image).LANCZOS  # Pillow < 9.1 has no Resampling
 
@@ -22,22 +25,45 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """Upright (EXIF orientation applied) 8-bit RGB copy of ``img``.
 
     Transparency is composited on white, not black: line art and logos are usually dark ink
-    on a transparent background, and on black they would vanish.
+    on a transparent background, and on black they would vanish. That holds for an alpha channel
+    and for a tRNS colour key alike (palette, greyscale, RGB, bilevel and 16-bit PNGs).
     """
     img = ImageOps.exif_transpose(img)
-    if img.mode in ("I", "I;16", "I;16L", "I;16B", "F"):
-        # 16-bit/float greyscale: convert("RGB") would clip at 255 instead of rescaling.
-        arr = np.asarray(img, dtype=np.float64)
-        scale = 1.0 if img.mode == "F" and arr.max(initial=0) <= 1.0 else 65535.0
-        arr = np.clip(arr / scale * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        img = Image.fromarray(arr, "L")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if img.mode in HIGH_DEPTH_MODES:
+        img = _high_depth_to_8bit(img)
+    elif "transparency" in img.info and img.mode not in ALPHA_MODES:
+        img = img.convert("RGBA")  # PIL turns the tRNS key (any mode) into an alpha channel
+    if img.mode in ALPHA_MODES:
         rgba = img.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
         return Image.alpha_composite(canvas, rgba).convert("RGB")
     return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def _high_depth_to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit/float greyscale as "L" (or "LA" if it has a tRNS key), rescaled to 0..255.
+
+    convert() would clip at 255 instead of rescaling, and its tRNS handling clips too.
+    """
+    raw = np.asarray(img)
+    arr = np.nan_to_num(raw.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    white = _float_white_level(arr) if img.mode == "F" else 65535.0
+    grey = Image.fromarray(np.clip(arr / white * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    key = img.info.get("transparency")
+    if isinstance(key, (int, float)) and not isinstance(key, bool):
+        grey.putalpha(Image.fromarray(np.where(raw == key, 0, 255).astype(np.uint8), "L"))
+    return grey
+
+
+def _float_white_level(arr: np.ndarray) -> float:
+    """The value that means white in a float image: the smallest of 1, 255 and 65535 that
+    holds its brightest pixel, else that pixel.
+
+    Float files carry no bit depth, so it is read from the data; fixed levels (not the image's
+    own max) keep a dark 8-bit image dark instead of stretching it to full contrast.
+    """
+    peak = float(arr.max(initial=0.0))
+    return next((level for level in FLOAT_WHITE_LEVELS if peak <= level), peak)
 
 
 def check_resize_args(method: str, width: int, height: int) -> None:

@@ -17,18 +17,20 @@ from .network import COMFY_PREFIX, AdapterNetwork
 BYPASS_KEY = "loralab_bypass"
 
 
+def add_output_bias(out: torch.Tensor, bias: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+    """``out`` plus a per-channel bias: on the last axis for a Linear, on axis 1 for a conv."""
+    shape = (-1,) if isinstance(module, torch.nn.Linear) else (-1, *([1] * (out.ndim - 2)))
+    return out + bias.to(out.dtype).view(shape)
+
+
 def own_forward(module: torch.nn.Module):
     """The layer class's own forward, plus a bias offset on its output (``output_bias``): what a
     hooked layer computes before its adapter is added."""
     own = type(module).forward
-    linear = isinstance(module, torch.nn.Linear)  # bias on the last axis; a conv's on axis 1
 
     def forward(module, x, *args, output_bias: torch.Tensor | None = None, **kwargs):
         out = own(module, x, *args, **kwargs)
-        if output_bias is None:
-            return out
-        shape = (-1,) if linear else (-1, *([1] * (out.ndim - 2)))
-        return out + output_bias.to(out.dtype).view(shape)
+        return out if output_bias is None else add_output_bias(out, output_bias, module)
 
     return forward
 
@@ -36,14 +38,16 @@ def own_forward(module: torch.nn.Module):
 def _hooked_forward(module: torch.nn.Module, adapter, output_bias: torch.Tensor | None, strength: float,
                     base_forward_of=own_forward):
     base_forward = base_forward_of(module)
+    bias_after = adapter is not None and adapter.transforms_base_output
 
     def forward(x, *args, **kwargs):
-        if output_bias is not None:
-            kwargs["output_bias"] = output_bias if strength == 1.0 else output_bias * strength
+        bias = None if output_bias is None else (output_bias if strength == 1.0 else output_bias * strength)
+        if bias is not None and not bias_after:
+            kwargs["output_bias"] = bias
         out = base_forward(module, x, *args, **kwargs)
         if adapter is not None:
             out = adapter.bypass(x, out, module, strength)
-        return out
+        return add_output_bias(out, bias, module) if bias is not None and bias_after else out
 
     return forward
 

@@ -140,6 +140,13 @@ class Adapter(torch.nn.Module):
         raise NotImplementedError
 
     @property
+    def transforms_base_output(self) -> bool:
+        """Whether ``bypass`` transforms the base output ``W x`` itself (OFT's rotation) rather than
+        adding to it: a trained bias offset must then be added after the adapter, as the loader's
+        merged weight leaves biases unrotated."""
+        return False
+
+    @property
     def reads_base_weight(self) -> bool:
         """Whether ``bypass`` reads the layer's weight itself (in its own dtype) rather than working
         from the layer's output: training then keeps that weight as stored (see sampler/bf16_weights)."""

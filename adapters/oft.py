@@ -103,6 +103,10 @@ class OFTAdapter(Adapter):
             raise ValueError("OFT's weight change depends on the base weight; pass it")
         return self._rows_delta(base_weight.float())
 
+    @property
+    def transforms_base_output(self) -> bool:
+        return True
+
     def bypass(self, x: torch.Tensor, base_out: torch.Tensor, module: torch.nn.Module,
                strength: float = 1.0) -> torch.Tensor:
         z = channels_first(without_bias(base_out, module, self.spec), self.spec)

@@ -9,6 +9,7 @@ import torch
 import comfy.weight_adapter as comfy_adapters
 from comfy.weight_adapter.base import factorization as comfy_factorization
 
+from loralab.adapters.attach import _hooked_forward
 from loralab.adapters.base import LayerSpec
 from loralab.adapters.lokr import factorization
 from loralab.adapters.lora import EPS, LoRAAdapter
@@ -185,6 +186,22 @@ def test_bypass_equals_layer_with_merged_weight(case, layer_name, s):
         expected = _run(layer, x, merged)
         got = adapter.bypass(x, layer(x), layer, s)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("s", [1.0, 0.5])
+@pytest.mark.parametrize("case,layer_name", ALL)
+def test_hooked_layer_with_a_bias_offset_equals_merged_weight_and_offset_bias(case, layer_name, s):
+    """A trained bias offset (.diff_b) joins the layer's bias and is not rotated by OFT/BOFT: the
+    loader merges the weight and adds the offset to the bias, and bypass must train that function."""
+    layer, adapter = _trained(case, layer_name)
+    offset = torch.randn(layer.bias.shape, generator=torch.Generator().manual_seed(5))
+    x = _input(layer, seed=1)
+    with torch.no_grad():
+        merged = adapter.merged_weight(layer.weight, s)
+        shifted = _run(layer, x, merged) - _run(layer, x, torch.zeros_like(merged))  # W' x, no bias
+        bias = (layer.bias + s * offset).view(-1, *([1] * (shifted.ndim - 2))) if shifted.ndim > 2 else layer.bias + s * offset
+        got = _hooked_forward(layer, adapter, offset, s)(x)
+    torch.testing.assert_close(got, shifted + bias, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("s", [1.0, 0.5])

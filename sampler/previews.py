@@ -1,8 +1,10 @@
 """Preview images at the current training state, made with ComfyUI's own sampler.
 
 A preview samples the training patcher itself (adapters live) with euler / "normal" at a fixed
-seed, decodes it with the given VAE and saves ``<prefix>_step<NNNNN>.png`` under the output
-directory. It must leave training exactly as it was: no autograd, the training RNG untouched (the
+seed, decodes it with the given VAE and saves ``<prefix>_<RRRRR>_step<NNNNN>.png`` under the output
+directory. ``RRRRR`` is the run's number, taken once at run start from ComfyUI's SaveImage counter,
+so every run (and every Train LoRA node of a graph) keeps its own previews and never overwrites
+another's. It must leave training exactly as it was: no autograd, the training RNG untouched (the
 noise comes from the sample seed, and the global RNG is restored afterwards), modules' train/eval
 flags restored, and the patcher neither reloaded nor re-patched, so a run with previews trains
 bit-identical weights to one without.
@@ -10,6 +12,7 @@ bit-identical weights to one without.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -32,6 +35,9 @@ SCHEDULER = "normal"
 CFG = 1.0
 PREVIEW_MAX_SIZE = 512  # longest side of the copy shown on the node while training
 SKIP_LOAD_KEY = "loralab_preview_keep_loaded"
+MAX_NAME_CLASHES = 5  # fresh run numbers tried before a preview gives up (only racing writers clash)
+
+log = logging.getLogger("loralab")
 
 
 def check_sample_settings(settings: SampleSettings) -> None:
@@ -103,17 +109,25 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(np.clip(255.0 * image[0].numpy(), 0, 255).astype(np.uint8))
 
 
-def preview_path(output_dir: str, prefix: str, step: int, width: int, height: int) -> Path:
-    """``<output_dir>/<prefix>_step<NNNNN>.png``; the prefix is resolved by ComfyUI's own image-save
-    rules (``%width%``-style variables, sub-folders, never outside the output directory)."""
+def run_folder(output_dir: str, prefix: str, width: int, height: int) -> tuple[Path, str, int]:
+    """(folder, file name, run number) for a new run's previews, by ComfyUI's own image-save rules
+    (``%width%``-style variables, sub-folders, never outside the output directory) and its
+    SaveImage counter: one past the highest ``<name>_<number>_...`` file there, so a new run never
+    takes the number of one whose previews are on disk."""
     import folder_paths
-    folder, filename, _, _, _ = folder_paths.get_save_image_path(prefix, output_dir, width, height)
-    return Path(folder) / f"{filename}_step{step:05d}.png"
+    folder, filename, counter, _, _ = folder_paths.get_save_image_path(prefix, output_dir, width, height)
+    return Path(folder), filename, counter
+
+
+def preview_name(filename: str, run: int, step: int) -> str:
+    """``<filename>_<RRRRR>_step<NNNNN>.png``: the run number first, where ComfyUI's counter reads it."""
+    return f"{filename}_{run:05d}_step{step:05d}.png"
 
 
 def save_png(image: torch.Tensor, path: Path, text: dict[str, str]) -> Path:
-    """Writes the PNG atomically (temp file in the same folder, then a rename), with ``text`` as
-    PNG text chunks unless ComfyUI runs with --disable-metadata."""
+    """Writes the PNG atomically (temp file in the same folder, then moved into place), with
+    ``text`` as PNG text chunks unless ComfyUI runs with --disable-metadata. Raises
+    FileExistsError, leaving the file there untouched, if ``path`` exists already."""
     from comfy.cli_args import args
     path.parent.mkdir(parents=True, exist_ok=True)
     info = None
@@ -125,11 +139,23 @@ def save_png(image: torch.Tensor, path: Path, text: dict[str, str]) -> Path:
     os.close(fd)
     try:
         to_pil(image).save(tmp, format="PNG", pnginfo=info, compress_level=4)
-        os.replace(tmp, path)
-    except BaseException:
+        _move_into_place(tmp, path)
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
     return path
+
+
+def _move_into_place(tmp: str, path: Path) -> None:
+    """Gives the finished ``tmp`` the name ``path`` unless that name is taken (FileExistsError): a
+    hard link is an atomic create-if-absent; where the file system has none, check, then replace."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (some FAT or network file systems)
+        if path.exists():
+            raise FileExistsError(f"{path} exists already") from None
+        os.replace(tmp, path)
 
 
 def show_on_node(image: torch.Tensor, value: int, total: int) -> None:
@@ -140,14 +166,23 @@ def show_on_node(image: torch.Tensor, value: int, total: int) -> None:
 
 
 class RunPreviews:
-    """The previews of one run: when they are due, and making + saving one."""
+    """The previews of one run: when they are due, and making + saving one. The run number is taken
+    once, here, so all previews of the run share it."""
 
     def __init__(self, settings: SampleSettings, output_dir: str):
         check_sample_settings(settings)
         self.settings = settings
         self.output_dir = output_dir
-        preview_path(output_dir, settings.prefix, 0, settings.width, settings.height)  # a bad prefix fails now
+        self.folder, self.filename, self.run = self._new_run()  # a bad prefix fails now
         self.saved: list[Path] = []
+
+    def _new_run(self) -> tuple[Path, str, int]:
+        s = self.settings
+        return run_folder(self.output_dir, s.prefix, s.width, s.height)
+
+    def path(self, step: int) -> Path:
+        """Where this run's preview of global step ``step`` goes."""
+        return self.folder / preview_name(self.filename, self.run, step)
 
     def due(self, step: int) -> bool:
         return step > 0 and step % self.settings.every == 0
@@ -156,8 +191,22 @@ class RunPreviews:
         """Renders and saves the preview of global step ``step``; returns (path, image)."""
         s = self.settings
         image = render(patcher, s)
-        path = preview_path(self.output_dir, s.prefix, step, s.width, s.height)
-        save_png(image, path, {"loralab_preview": f"step {step}, seed {s.seed}, {s.width}x{s.height}, "
-                                                  f"{SAMPLER}/{SCHEDULER} {s.steps} steps, cfg {CFG}"})
+        text = {"loralab_preview": f"step {step}, seed {s.seed}, {s.width}x{s.height}, "
+                                   f"{SAMPLER}/{SCHEDULER} {s.steps} steps, cfg {CFG}"}
+        path = self._save(image, step, text)
         self.saved.append(path)
         return path, image
+
+    def _save(self, image: torch.Tensor, step: int, text: dict[str, str]) -> Path:
+        """Saves under this run's number; if another writer (a second ComfyUI on the same output
+        folder) took that name meanwhile, the run moves to a fresh number rather than overwrite."""
+        for _ in range(MAX_NAME_CLASHES):
+            try:
+                return save_png(image, self.path(step), text)
+            except FileExistsError:
+                taken = self.path(step)
+                self.folder, self.filename, self.run = self._new_run()
+                log.warning("LoRA Lab: preview %s exists already (another run writes to the same folder); "
+                            "this run's previews continue as %s", taken, self.path(step).name)
+        raise FileExistsError(f"could not find a free preview name for step {step} in {self.folder}: "
+                              f"other runs keep taking the names; set a different output directory")

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 class SampleSettings:
     """Preview images every ``every`` steps: ``positive`` (a CONDITIONING) sampled with ``seed`` at
     ``width`` x ``height`` in ``steps`` sampler steps, decoded by ``vae``, saved under the output
-    directory as ``<prefix>_step<NNNNN>.png``."""
+    directory as ``<prefix>_<RRRRR>_step<NNNNN>.png``: ``RRRRR`` numbers the run (ComfyUI's SaveImage
+    counter, taken at run start), so runs sharing a prefix keep each other's previews."""
     every: int
     positive: list
     vae: object

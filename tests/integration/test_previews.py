@@ -1,11 +1,15 @@
 """Preview images during training: made by ComfyUI's own sampler with the adapter live, saved with
-the step in the name, shown on the node, and invisible to training (bit-identical weights)."""
+the run's number and the step in the name (no run overwrites another's), shown on the node, and
+invisible to training (bit-identical weights)."""
 from __future__ import annotations
 
 import asyncio
 import io
 import json
+import re
 import struct
+import urllib.parse
+import urllib.request
 import uuid
 
 import aiohttp
@@ -59,11 +63,11 @@ def test_previews_show_the_live_adapter_and_leave_training_bit_identical(sd15, m
         assert torch.equal(a[name], b[name]), name
     assert with_previews.losses == plain.losses
 
-    folder = tmp_path / "previews"
-    assert sorted(p.name for p in folder.iterdir()) == ["run_step00002.png", "run_step00004.png"]
-    assert with_previews.samples == [folder / "run_step00002.png", folder / "run_step00004.png"]
-    assert [(s, p) for s, p, _ in events.samples] == [(2, str(folder / "run_step00002.png")),
-                                                      (4, str(folder / "run_step00004.png"))]
+    folder = tmp_path / "previews"  # run 1 in a fresh folder; all previews of the run share the number
+    assert sorted(p.name for p in folder.iterdir()) == ["run_00001_step00002.png", "run_00001_step00004.png"]
+    assert with_previews.samples == [folder / "run_00001_step00002.png", folder / "run_00001_step00004.png"]
+    assert [(s, p) for s, p, _ in events.samples] == [(2, str(folder / "run_00001_step00002.png")),
+                                                      (4, str(folder / "run_00001_step00004.png"))]
     images = [image for _, _, image in events.samples]
     for (_, path, image) in events.samples:
         assert image.shape == (1, 96, 64, 3)
@@ -140,19 +144,61 @@ def _with_sample_prompt(prompt: dict) -> dict:
     return prompt
 
 
-def test_previews_appear_on_the_node_and_in_the_output_folder(server, comfy_base):
+PREVIEW_NAME = re.compile(r"sample_(\d{5})_step(\d{5})\.png")
+
+
+def _view(server, image: dict) -> bytes:
+    """The file the node's <img> loads for a reported image."""
+    with urllib.request.urlopen(f"{server.url}/view?{urllib.parse.urlencode(image)}", timeout=30) as r:
+        return r.read()
+
+
+def _run_with_previews(server, comfy_base, learning_rate: float, sample_seed: int):
+    """One queued run with a preview at steps 1 and 2; returns (prompt id, the images the node
+    shows after the run, what each of those files holds right after the run, live preview frames)."""
     prompt = _with_sample_prompt(training_prompt("loralab_motif", steps=2, prefix="loras/previews_http",
-                                                 sample_every=2, sample_width=64, sample_height=96, sample_steps=1,
-                                                 sample_seed=1))
-    events, previews = asyncio.run(_watch_with_previews(server, prompt))
+                                                 learning_rate=learning_rate, sample_every=1, sample_width=64,
+                                                 sample_height=96, sample_steps=1, sample_seed=sample_seed))
+    events, frames = asyncio.run(_watch_with_previews(server, prompt))
     assert events[-1]["type"] == "execution_success", events[-1]
-    assert previews, "no preview image reached the node while training ran"
-    width, height = previews[-1].size  # ComfyUI scales node previews to fit 512 px
-    assert max(width, height) == 512 and abs(width / height - 64 / 96) < 0.01
+    prompt_id = events[-1]["data"]["prompt_id"]
     (executed,) = [e["data"] for e in events if e["type"] == "executed" and e["data"]["node"] == "5"]
-    assert executed["output"]["images"] == [{"filename": "sample_step00002.png", "subfolder": "loralab_samples",
-                                             "type": "output"}]  # and stay there after the run
-    assert Image.open(comfy_base / "output" / "loralab_samples" / "sample_step00002.png").size == (64, 96)
+    shown = executed["output"]["images"]
+    live = [e["data"]["image"] for e in events if e["type"] == "loralab.sample"]
+    assert live == shown  # the live chart's previews are the files the node keeps showing
+    saved = {image["filename"]: (comfy_base / "output" / image["subfolder"] / image["filename"]).read_bytes()
+             for image in shown}
+    return prompt_id, shown, saved, frames
+
+
+def test_previews_appear_on_the_node_and_each_run_keeps_its_own(server, comfy_base):
+    """Two runs of the same graph (say, two learning rates): the second run's previews get new names,
+    and the first run's node output, history entry and files still show the first run's images."""
+    first_id, first, first_saved, frames = _run_with_previews(server, comfy_base, 0.001, sample_seed=1)
+    assert frames, "no preview image reached the node while training ran"
+    width, height = frames[-1].size  # ComfyUI scales node previews to fit 512 px
+    assert max(width, height) == 512 and abs(width / height - 64 / 96) < 0.01
+    second_id, second, second_saved, _ = _run_with_previews(server, comfy_base, 0.01, sample_seed=2)
+
+    numbers = []
+    for shown in (first, second):
+        assert [(i["subfolder"], i["type"]) for i in shown] == [("loralab_samples", "output")] * 2
+        names = [PREVIEW_NAME.fullmatch(i["filename"]) for i in shown]
+        assert all(names), shown
+        assert [int(m[2]) for m in names] == [1, 2]  # global steps
+        (number,) = {m[1] for m in names}  # one number for all previews of a run
+        numbers.append(int(number))
+    assert numbers[1] > numbers[0]
+
+    folder = comfy_base / "output" / "loralab_samples"
+    for name, content in first_saved.items():  # the first run's files, untouched by the second run
+        assert (folder / name).read_bytes() == content, name
+    assert set(second_saved.values()).isdisjoint(first_saved.values())  # so an overwrite would have shown
+    history = server.get_json(f"/history/{first_id}")[first_id]
+    assert history["outputs"]["5"]["images"] == first  # the first run's entry still points at its own files
+    assert [_view(server, image) for image in first] == list(first_saved.values())
+    assert server.get_json(f"/history/{second_id}")[second_id]["outputs"]["5"]["images"] == second
+    assert Image.open(folder / first[0]["filename"]).size == (64, 96)
 
 
 @pytest.mark.parametrize("inputs, expected", [

@@ -182,7 +182,8 @@ def bf16_weights_for(model_patcher, network: AdapterNetwork, dtype: torch.dtype,
 def load_existing(model, existing: ExistingAdapter, *, dtype, device) -> AdapterNetwork:
     """The network stored in a file of any supported key style; errors list what did not fit."""
     modules = dict(model.diffusion_model.named_modules())
-    layers = [n for n, m in modules.items() if isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))]
+    # every layer with its own weights: adapters sit on Linear/Conv, norm/bias offsets on norms too
+    layers = [n for n, m in modules.items() if next(m.parameters(recurse=False), None) is not None]
     comfy_keys, unmatched = to_comfy_keys(existing.tensors, modules, kohya_layer_names(model, layers))
     network, unfit = AdapterNetwork.from_state_dict(modules, comfy_keys, dtype=dtype, device=device)
     unmatched += unfit

@@ -90,6 +90,12 @@ def test_continue_from_other_trainers_files(sd15, motif_training_inputs):
     cont = _train(model, latents, positive, "loha", existing=ExistingAdapter(native_like, {}))
     assert cont.network.algorithm == "lora" and len(cont.network.offsets) == len(ours.network.offsets)
     assert cont.total_steps == 1  # no metadata: nothing known about earlier steps
+    # our own kohya-style file with norm offsets (saved under the norms' diffusers names) reads back whole
+    kohya_offsets = to_key_style(dict(ours.lora), "kohya", ours.lora.kohya_names)
+    assert any(k.startswith("lora_unet_") and "norm" in k and k.endswith(".diff") for k in kohya_offsets)
+    loaded = load_existing(model.model, ExistingAdapter(kohya_offsets, {}), dtype=torch.float32, device="cpu")
+    back = loaded.to_state_dict()
+    assert back.keys() == ours.lora.keys() and all(torch.equal(back[k], ours.lora[k]) for k in back)
     plain = _train(model, latents, positive, "lora")
     kohya = to_key_style(dict(plain.lora), "kohya", plain.lora.kohya_names)
     cont = _train(model, latents, positive, existing=ExistingAdapter(kohya, {"ss_steps": "250"}))

@@ -139,6 +139,9 @@ class LoRAAdapter(Adapter):
                         device=None) -> "LoRAAdapter | None":
         if "lora_up.weight" not in tensors or "lora_down.weight" not in tensors:
             return None
+        if "lora_mid.weight" in tensors:
+            raise ValueError("a LoCon layer with a Tucker core (lora_mid) cannot be continued here: LoRA Lab "
+                             "trains conv LoRA as up/down only")
         alpha = tensors.get("alpha")
         return cls.from_tensors(spec, tensors["lora_up.weight"], tensors["lora_down.weight"],
                                 None if alpha is None else float(alpha), dtype=dtype, device=device,

@@ -92,6 +92,7 @@ class AdapterNetwork(torch.nn.Module):
             for adapter_cls in ALGORITHMS.values():
                 adapter = adapter_cls.from_state_dict(spec, tensors, dtype=dtype, device=device)
                 if adapter is not None:
+                    _check_all_read(f"{COMFY_PREFIX}{layer}", tensors, adapter)
                     adapters[layer] = adapter
                     break
             else:
@@ -119,3 +120,13 @@ class AdapterNetwork(torch.nn.Module):
 
     def trainable_parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def _check_all_read(layer_key: str, tensors: dict[str, torch.Tensor], adapter: Adapter) -> None:
+    """Raises ValueError when a layer's file tensors hold more than its adapter reads back (a LoHa
+    or LoKr with a DoRA magnitude, say): continuing would silently drop that part."""
+    read = {key.split(".", 1)[1] for key in adapter.to_state_dict("x")}
+    extra = sorted(set(tensors) - read)
+    if extra:
+        raise ValueError(f"{layer_key} holds {', '.join(extra)} besides its {adapter.algorithm} weights; LoRA Lab "
+                         "cannot train that part, so continuing would drop it")

@@ -185,7 +185,11 @@ def load_existing(model, existing: ExistingAdapter, *, dtype, device) -> Adapter
     # every layer with its own weights: adapters sit on Linear/Conv, norm/bias offsets on norms too
     layers = [n for n, m in modules.items() if next(m.parameters(recurse=False), None) is not None]
     comfy_keys, unmatched = to_comfy_keys(existing.tensors, modules, kohya_layer_names(model, layers))
-    network, unfit = AdapterNetwork.from_state_dict(modules, comfy_keys, dtype=dtype, device=device)
+    try:
+        network, unfit = AdapterNetwork.from_state_dict(modules, comfy_keys, dtype=dtype, device=device)
+    except ValueError as e:
+        raise ValueError(f"existing_lora '{existing.name}': {e}. Pick a file LoRA Lab can continue, or [None] "
+                         "to start fresh") from e
     unmatched += unfit
     if len(network) == 0 or unmatched:
         shown = ", ".join(unmatched[:8]) or "(no adapter keys at all)"

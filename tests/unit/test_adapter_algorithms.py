@@ -389,3 +389,25 @@ def test_bypass_reads_the_base_weight_only_where_the_adapter_says_so(case, layer
         assert torch.isnan(got).any()  # it does read it: the declaration is needed
     else:
         assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("algorithm", ["loha", "lokr", "glora", "oft"])
+def test_a_file_layer_with_parts_the_adapter_cannot_train_is_refused_not_dropped(algorithm):
+    """LyCORIS writes a DoRA magnitude next to LoHa/LoKr/... weights; only LoRA reads it here, so
+    continuing must fail with the key named rather than drop the magnitude silently."""
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32))
+    modules = dict(model.named_modules())
+    state = AdapterNetwork.create([Target("0", model[0])], algorithm, 4, 2.0, seed=1).to_state_dict()
+    assert AdapterNetwork.from_state_dict(modules, state)[1] == []  # its own keys read back whole
+    state["diffusion_model.0.dora_scale"] = torch.ones(1, 16)
+    with pytest.raises(ValueError, match=r"diffusion_model\.0 holds dora_scale"):
+        AdapterNetwork.from_state_dict(modules, state)
+
+
+def test_a_locon_layer_with_a_tucker_core_is_refused_with_a_message():
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1))
+    state = {"diffusion_model.0.lora_down.weight": torch.zeros(4, 8, 1, 1),
+             "diffusion_model.0.lora_mid.weight": torch.zeros(4, 4, 3, 3),
+             "diffusion_model.0.lora_up.weight": torch.zeros(16, 4, 1, 1)}
+    with pytest.raises(ValueError, match="lora_mid"):
+        AdapterNetwork.from_state_dict(dict(model.named_modules()), state)

@@ -46,9 +46,13 @@ class AdapterNetwork(torch.nn.Module):
         """Fresh adapters (exact no-ops) for the target layers; init is deterministic in ``seed``.
 
         ``offsets_of``: a diffusion model whose norm weights and biases also get trainable offsets.
+        ``alpha`` 0 means alpha = rank (no scaling), the rule kohya and LyCORIS follow: taken
+        literally it would scale every update, and every gradient, to zero.
         """
         if algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm '{algorithm}' is not available; choose one of {', '.join(ALGORITHMS)}")
+        if alpha == 0:
+            alpha = float(rank)
         generator = torch.Generator().manual_seed(seed)
         adapter_cls = ALGORITHMS[algorithm]
         adapters = {}

@@ -49,6 +49,17 @@ def _in_preset(name: str, module: torch.nn.Module, preset: str) -> bool:
     return False
 
 
+def _pattern(input_name: str, text: str) -> re.Pattern | None:
+    """The compiled regular expression, or None when empty; the error names the input."""
+    if not text:
+        return None
+    try:
+        return re.compile(text)
+    except re.error as e:
+        raise ValueError(f"{input_name} '{text}' is not a valid regular expression ({e}); fix it or leave it "
+                         "empty") from e
+
+
 def select_targets(diffusion_model: torch.nn.Module, preset: str = DEFAULT_PRESET,
                    include: str = "", exclude: str = "") -> list[Target]:
     """Layers to adapt: the preset, narrowed by optional include/exclude regular expressions.
@@ -58,11 +69,8 @@ def select_targets(diffusion_model: torch.nn.Module, preset: str = DEFAULT_PRESE
     """
     if preset not in PRESETS:
         raise ValueError(f"target preset '{preset}' is unknown; choose one of {', '.join(PRESETS)}")
-    try:
-        include_re = re.compile(include) if include else None
-        exclude_re = re.compile(exclude) if exclude else None
-    except re.error as e:
-        raise ValueError(f"target include/exclude pattern is not a valid regular expression: {e}") from e
+    include_re = _pattern("include_pattern", include)
+    exclude_re = _pattern("exclude_pattern", exclude)
     targets = []
     for name, module in diffusion_model.named_modules():
         if not name or not _in_preset(name, module, preset):

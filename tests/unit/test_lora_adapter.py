@@ -80,5 +80,20 @@ def test_pattern_that_matches_nothing_lists_real_layer_names():
     assert [t.name for t in select_targets(model, "attention+feed-forward", exclude="attn")] == ["ff.net"]
     with pytest.raises(ValueError, match=r"include='nothing_here'.*attn1\.to_q"):
         select_targets(model, include="nothing_here")
-    with pytest.raises(ValueError, match="not a valid regular expression"):
+    with pytest.raises(ValueError, match=r"include_pattern '\(' is not a valid regular expression"):
         select_targets(model, include="(")
+    with pytest.raises(ValueError, match=r"exclude_pattern '\[' is not a valid regular expression"):
+        select_targets(model, include="attn", exclude="[")
+
+
+def test_alpha_zero_means_alpha_equals_rank_as_in_kohya():
+    """Taken literally, alpha 0 scales every update and every gradient to zero: the run would save
+    a LoRA that changes nothing."""
+    layer = torch.nn.Linear(6, 5)
+    [adapter] = AdapterNetwork.create([Target("l", layer)], "lora", 4, 0.0, seed=3).layers
+    assert float(adapter.alpha) == 4.0 and adapter.scale == 1.0
+    with torch.no_grad():
+        adapter.lora_down.normal_()  # as after a step: both factors non-zero (down starts at zero)
+    x = torch.randn(3, 6)
+    adapter.bypass(x, layer(x), layer).sum().backward()
+    assert adapter.lora_down.grad.abs().sum() > 0 and adapter.lora_up.grad.abs().sum() > 0

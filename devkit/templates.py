@@ -139,7 +139,7 @@ def continue_training(object_info: dict) -> dict:
     _save(wf, 1120, 60, train, "loras/loralab_continued", "loralab_continued_loss")
     wf.note(f"""## Continue training a saved LoRA
 
-**existing_lora** picks a LoRA from `models/loras` (here `{EXAMPLE_LORA_FILENAME}`, a LoRA of
+**existing_lora** picks a LoRA from `models/loras` or `output/loras` (here `{EXAMPLE_LORA_FILENAME}`, a LoRA of
 the tiny test model trained for 6 steps). Training goes on from its weights for **steps** more
 steps; the saved file counts all of them (`loralab_continued_30_steps_...`).
 
@@ -147,8 +147,8 @@ steps; the saved file counts all of them (`loralab_continued_30_steps_...`).
 - When `<name>.trainstate` lies beside the file (LoRA Lab writes one with every save and with
   every checkpoint), the optimizer state, random state and image order are restored too:
   6 + 24 steps give the same LoRA as 30 steps in one run. Keep the same optimizer for that.
-- To continue your own LoRA: copy it and its `.trainstate` from `output/loras` (or a checkpoint
-  saved when you cancelled a run) into `models/loras`, press **R** to refresh, pick it here.
+- To continue your own LoRA: LoRAs and checkpoints saved under `output/loras` are listed here
+  too (with their `.trainstate` beside them); press **R** to refresh, then pick it.
 - LoRAs of other trainers (kohya-style files, ComfyUI's own trainer) continue from their weights.
 
 Train on the same images (and captions) the LoRA was started on.

@@ -22,6 +22,7 @@ from ..adapters.cpu_kernels import onednn_matmul_is_faster
 from ..adapters.keys import kohya_layer_names, to_comfy_keys
 from ..adapters.metadata import LoraStateDict, base_model_name, steps_from_metadata, training_metadata
 from ..adapters.network import AdapterNetwork
+from ..adapters.registry import ALGORITHM_OPTIONS
 from ..adapters.targets import DEFAULT_PRESET, select_targets
 from .attention import use_fused_attention
 from .bf16_weights import Bf16Weights
@@ -323,18 +324,35 @@ def _lora_state(model_patcher, request: LoraTrainingRequest, network: AdapterNet
     """The LORA_MODEL value of the network as it is now: tensors, metadata for ``steps`` trained,
     kohya layer names and the resumable training state (the same for checkpoints and the result)."""
     first = network.layers[0]
+    target_layers, algorithm_options = _trained_layout(request, network)
     metadata = training_metadata(
         algorithm=network.algorithm, rank=network.rank, alpha=float(getattr(first, "alpha", request.alpha)),
         steps=steps, learning_rate=request.config.learning_rate, base_model=base_model_name(model_patcher),
         resolutions=[(s[-1] * 8, s[-2] * 8) for s in data.shapes], dataset_size=data.size,
         optimizer=request.config.optimizer, loss_function=request.config.loss_function,
         batch_size=request.config.batch_size, seed=request.config.seed, training_dtype=dtype,
-        target_layers=request.target_layers, started_at=started, captions=request.captions,
-        algorithm_options=request.algorithm_options, norm_bias=len(network.offsets) > 0)
+        target_layers=target_layers, started_at=started, captions=request.captions,
+        algorithm_options=algorithm_options, norm_bias=len(network.offsets) > 0)
     lora = LoraStateDict(network.to_state_dict(), metadata)
     lora.kohya_names = kohya_layer_names(model_patcher.model, network.names + [l for (l, _), _ in network.offsets.items()])
     lora.train_state = sampler.capture_state(_fingerprint(request, network))
     return lora
+
+
+def _trained_layout(request: LoraTrainingRequest, network: AdapterNetwork) -> tuple[str, dict]:
+    """(target layers, algorithm options) the network was trained with. A continued network comes
+    from its file, not from the widgets (which it ignores): its own metadata says, where it has any."""
+    if request.existing is None:
+        return request.target_layers, request.algorithm_options
+    metadata = request.existing.metadata
+    try:
+        args = json.loads(metadata.get("ss_network_args") or "{}")
+    except json.JSONDecodeError:
+        args = {}
+    known = ALGORITHM_OPTIONS.get(network.algorithm, {})
+    same = isinstance(args, dict) and args.get("algo") == network.algorithm
+    options = {k: v for k, v in args.items() if k in known} if same else {}
+    return metadata.get("loralab_target_layers") or "from existing_lora", options
 
 
 def _checkpoint_on_interrupt(checkpoints: RunCheckpoints, sampler: TrainSampler, request: LoraTrainingRequest,

@@ -2,6 +2,8 @@
 round trips, and continuing from files of other trainers."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -75,8 +77,14 @@ def test_save_load_save_round_trip_is_identical(sd15, motif_training_inputs, tmp
     assert m1 == m2 and t1.keys() == t2.keys()
     for k in t1:
         assert torch.equal(t1[k], t2[k]), k
-    again = _train(model, latents, positive, "lokr", existing=ExistingAdapter(tensors, metadata))
+    # the widgets (another algorithm, preset and options) are ignored when continuing: the file decides
+    again = _train(model, latents, positive, "lora", existing=ExistingAdapter(tensors, metadata),
+                   target_layers="attention", algorithm_options={"dora": True})
     assert again.total_steps == 2  # steps come from the file's metadata
+    assert again.network.algorithm == "lokr"
+    assert json.loads(again.lora.metadata["ss_network_args"]) == json.loads(metadata["ss_network_args"])
+    assert json.loads(metadata["ss_network_args"])["algo"] == "lokr"
+    assert again.lora.metadata["loralab_target_layers"] == metadata["loralab_target_layers"] != "attention"
 
 
 def test_continue_from_other_trainers_files(sd15, motif_training_inputs):

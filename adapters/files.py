@@ -1,6 +1,7 @@
 """Adapter files: atomic safetensors saves, loading with metadata, and output file names."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -11,23 +12,51 @@ import safetensors.torch
 import torch
 
 
-def save_adapter_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    """Writes a .safetensors file atomically: a temp file in the same folder, then a rename.
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
-    A crash or a bad tensor never leaves a half-written file under the final name.
+
+@contextlib.contextmanager
+def atomic_file(path: Path, overwrite: bool = True):
+    """Yields a temp path beside ``path`` to write the whole file to; on success it becomes
+    ``path``, on any error it is removed, so no reader ever sees half a file under that name.
+
+    The result gets the mode a new file gets under the user's umask (mkstemp and safetensors make
+    0600 files, which another user or service sharing the output folder could not read). With
+    ``overwrite`` False an existing ``path`` is left untouched and FileExistsError raised: a hard
+    link is an atomic create-if-absent; where the file system has none, check, then rename.
     """
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        safetensors.torch.save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        if overwrite:
+            os.replace(tmp, path)
+            return
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links here (some FAT or network file systems)
+            if path.exists():
+                raise FileExistsError(f"{path} exists already") from None
+            os.replace(tmp, path)
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+def save_adapter_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Writes a .safetensors file atomically (see atomic_file): a crash or a bad tensor never
+    leaves a half-written file under the final name."""
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    with atomic_file(path) as tmp:
+        safetensors.torch.save_file(tensors, tmp, metadata=meta)
     return path
 
 

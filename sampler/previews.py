@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,7 @@ import comfy.model_management
 import comfy.patcher_extension
 import comfy.sample
 
+from ..adapters.files import atomic_file
 from .run_outputs import SampleSettings
 
 SAMPLER = "euler"
@@ -129,33 +128,14 @@ def save_png(image: torch.Tensor, path: Path, text: dict[str, str]) -> Path:
     ``text`` as PNG text chunks unless ComfyUI runs with --disable-metadata. Raises
     FileExistsError, leaving the file there untouched, if ``path`` exists already."""
     from comfy.cli_args import args
-    path.parent.mkdir(parents=True, exist_ok=True)
     info = None
     if not args.disable_metadata:
         info = PngInfo()
         for key, value in text.items():
             info.add_text(key, value)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path, overwrite=False) as tmp:
         to_pil(image).save(tmp, format="PNG", pnginfo=info, compress_level=4)
-        _move_into_place(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return path
-
-
-def _move_into_place(tmp: str, path: Path) -> None:
-    """Gives the finished ``tmp`` the name ``path`` unless that name is taken (FileExistsError): a
-    hard link is an atomic create-if-absent; where the file system has none, check, then replace."""
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        raise
-    except OSError:  # no hard links here (some FAT or network file systems)
-        if path.exists():
-            raise FileExistsError(f"{path} exists already") from None
-        os.replace(tmp, path)
 
 
 def show_on_node(image: torch.Tensor, value: int, total: int) -> None:

@@ -1,9 +1,12 @@
 """Output naming and atomic saves, dtype choice, bucket sizes, optimizer/loss choices."""
+import os
+from pathlib import Path
+
 import pytest
 import safetensors
 import torch
 
-from loralab.adapters.files import load_adapter_file, next_lora_path, save_adapter_file
+from loralab.adapters.files import atomic_file, load_adapter_file, next_lora_path, save_adapter_file
 from loralab.dataset.buckets import bucket_resolution
 from loralab.sampler import dtypes
 from loralab.sampler.objective import loss_function
@@ -68,3 +71,18 @@ def test_unknown_optimizer_and_loss_are_named():
     with pytest.raises(ValueError, match="loss_function 'Foo'"):
         loss_function("Foo")
     assert loss_function("Huber") is torch.nn.functional.huber_loss
+
+
+def test_saved_files_get_the_mode_of_a_new_file_under_the_umask_not_0600(tmp_path):
+    """mkstemp and safetensors create 0600 files: a LoRA saved by a server running as one user
+    (or in a container) would be unreadable to everyone else sharing the output folder."""
+    old = os.umask(0o022)
+    try:
+        lora = save_adapter_file(tmp_path / "a.safetensors", {"w": torch.zeros(2)}, {"k": "v"})
+        with atomic_file(tmp_path / "b.png", overwrite=False) as tmp:
+            Path(tmp).write_bytes(b"png")
+    finally:
+        os.umask(old)
+    assert oct(lora.stat().st_mode & 0o777) == oct(0o644)
+    assert oct((tmp_path / "b.png").stat().st_mode & 0o777) == oct(0o644)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.png"]  # no temp files left

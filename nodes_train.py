@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import comfy.sd
@@ -294,8 +295,11 @@ class LossGraph(io.ComfyNode):
         filename = f"{name}_{counter:05}_.png"
         render_loss_plot(values, os.path.join(folder, filename))
         image = ui.SavedResult(filename, subfolder, io.FolderType.output)
-        # "images" shows the PNG as the node's preview; "loss" lets API clients read the values.
-        return io.NodeOutput(ui={"images": [image], "loss": values})
+        # "images" shows the PNG as the node's preview; "loss" lets API clients read the values. A
+        # non-finite loss goes out as null: NaN is not JSON, and the frontend would drop the whole
+        # message (and fail to read /history while the prompt is in it).
+        finite = [v if math.isfinite(v) else None for v in values]
+        return io.NodeOutput(ui={"images": [image], "loss": finite})
 
 
 NODES = [LoadImageSet, ImageSetFromImages, TrainLora, SaveLoRA, LoadLoraModel, LossGraph]

@@ -167,3 +167,18 @@ def test_png_to_image_tensor_layout(tmp_path):
     t = png_to_image_tensor(path)
     assert t.dtype == torch.float32 and tuple(t.shape) == (1, 4, 6, 3)
     assert torch.allclose(t[0, 2, 3], torch.tensor([1.0, 0.0, 0.0]))
+
+
+def test_loss_graph_node_sends_non_finite_losses_as_json_null(tmp_path, monkeypatch):
+    """ComfyUI sends a node's ui dict to the browser as JSON and serves it from /history: a NaN
+    there is not JSON, so the frontend would drop the message and fail to list the history."""
+    import json
+
+    import folder_paths
+    from loralab.nodes_train import LossGraph
+
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path))
+    out = LossGraph.execute({"loss": [0.5, NAN, 0.4, INF]}, "graphs/loss")
+    assert json.loads(json.dumps(out.ui["loss"], allow_nan=False)) == [0.5, None, 0.4, None]
+    (image,) = out.ui["images"]
+    assert (tmp_path / "graphs" / image["filename"]).is_file()

@@ -6,13 +6,25 @@ export const LOG_RATIO = 20; // as report/loss_plot.py choose_log_scale: max/min
 
 const MARGIN = { left: 46, right: 8, top: 8, bottom: 18 };
 
+/** [min, max] of ``values`` by a loop: Math.min(...values) overflows V8's call stack beyond
+ * ~125k values, which a long run's chart reaches. */
+export function extent(values) {
+  let lo = Infinity;
+  let hi = -Infinity;
+  for (const v of values) {
+    if (v < lo) lo = v;
+    if (v > hi) hi = v;
+  }
+  return [lo, hi];
+}
+
 /** True when the values are all positive and span more than LOG_RATIO (max/min). */
 export function chooseLogScale(values) {
   const finite = values.filter((v) => v !== null && Number.isFinite(v));
   if (finite.length < 2) return false;
-  const min = Math.min(...finite);
+  const [min, max] = extent(finite);
   if (min <= 0) return false;
-  return Math.max(...finite) / min > LOG_RATIO;
+  return max / min > LOG_RATIO;
 }
 
 /** Seconds as h:mm:ss. */
@@ -101,9 +113,7 @@ export function drawLossChart(canvas, points) {
   const smooth = shown.map((p) => p[2]).filter((v) => v !== null && Number.isFinite(v));
   const log = chooseLogScale(raw);
   const fy = log ? (v) => Math.log10(v) : (v) => v;
-  const ys = raw.concat(smooth).map(fy);
-  let yLo = Math.min(...ys);
-  let yHi = Math.max(...ys);
+  let [yLo, yHi] = extent(raw.concat(smooth).map(fy));
   if (yHi - yLo < 1e-12) {
     const pad = Math.abs(yHi) * 0.1 || 0.5;
     yLo -= pad;

@@ -282,3 +282,30 @@ def test_templates_lay_out_without_overlaps(ui, browser_server):
             problems[name] = found
     assert not problems, json.dumps(problems, indent=1)
     assert not ui.problems, "\n".join(ui.problems)
+
+
+DRAW_LONG_RUN = """async (steps) => {
+  const { drawLossChart } = await import(`/extensions/${PACK}/loralab_chart.js`);
+  const canvas = document.createElement('canvas');
+  canvas.style.cssText = 'width: 320px; height: 160px; position: fixed; left: 0; top: 0';
+  document.body.appendChild(canvas);
+  const points = [];
+  for (let i = 1; i <= steps; i++) { const loss = 1 / (1 + i / 1000); points.push([i, loss, loss]); }
+  try {
+    drawLossChart(canvas, points);
+    const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+    let painted = 0;
+    for (let i = 3; i < data.length; i += 4) if (data[i] > 0) painted++;
+    return painted;
+  } finally {
+    canvas.remove();
+  }
+}"""
+
+
+def test_chart_draws_a_run_as_long_as_the_steps_input_allows(ui):
+    """100k steps (the steps widget's maximum) draw: the y range is not taken with Math.min(...values),
+    which overflows the browser's call stack on a few hundred thousand arguments."""
+    painted = ui.page.evaluate(DRAW_LONG_RUN.replace("${PACK}", PACK_LINK_NAME), 100_000)
+    assert painted > 2000  # the curves, axes and labels, not a blank canvas
+    assert not ui.problems, "\n".join(ui.problems)

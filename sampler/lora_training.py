@@ -259,9 +259,9 @@ def train_lora(model_patcher, latents, positive, request: LoraTrainingRequest,
                 return _lora_state(model_patcher, request, network, data, sampler, started, steps, dtype)
 
             def report_step(report: StepReport) -> None:
+                events.step(report)  # first: on_step may raise ComfyUI's interrupt (its progress hook does)
                 if on_step is not None:
                     on_step(report)
-                events.step(report)
                 step = report.completed  # global: steps of a continued LoRA count too
                 if checkpoints is not None and checkpoints.due(step):
                     path, message = checkpoints.save_periodic(step, lora_now(step))

@@ -133,7 +133,7 @@ class TrainLora(io.ComfyNode):
                                       tooltip="Prompt of the preview images (a CLIP Text Encode)."),
                 io.Vae.Input("sample_vae", optional=True, tooltip="VAE that decodes the preview images."),
             ],
-            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt, io.Hidden.extra_pnginfo],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the trained LoRA applied."),
                 io.LoraModel.Output(display_name="lora", tooltip="The trained LoRA weights."),
@@ -183,7 +183,8 @@ class TrainLora(io.ComfyNode):
             progress.update_absolute(report.step, report.total)
 
         events = LiveTrainingEvents.for_running_node(getattr(cls.hidden, "unique_id", None),
-                                                     folder_paths.get_output_directory())
+                                                     folder_paths.get_output_directory(),
+                                                     getattr(cls.hidden, "extra_pnginfo", None))
         result = train_lora(_first(model), latents, positive, request, on_step=on_step, events=events)
         shown = [_saved_output(p) for p in result.samples]  # the previews stay on the node after the run
         return io.NodeOutput(result.model, result.lora, {"loss": result.losses}, result.total_steps,

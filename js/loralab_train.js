@@ -1,8 +1,10 @@
 // LoRA Lab: the live loss chart, progress line, checkpoint messages and preview images inside
 // every "Train LoRA (LoRA Lab)" node. The server side is report/live.py: websocket events
 // loralab.progress / .sample / .checkpoint / .status, and GET /loralab/history for a page that
-// (re)loads mid-run. Runs are held per node id, independent of the nodes on screen, so events of
-// a node that is not in the open graph are kept and shown once it is.
+// (re)loads mid-run. Runs are held per workflow id and node id, independent of the nodes on
+// screen, so events of a node that is not in the open graph are kept and shown once it is. Node
+// ids repeat across workflows (every template has a node 5): a node shows only the runs queued
+// from its own workflow (or runs queued without one, through the API).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { drawLossChart, statusText } from "./loralab_chart.js";
@@ -14,24 +16,29 @@ const CHART_HEIGHT = 210;
 const SAMPLE_HEIGHT = 170;
 const TERMINAL = new Set(["finished", "interrupted", "error"]);
 
-const runs = new Map(); // node id (string) -> run state, shaped like a GET /loralab/history run
+const runs = new Map(); // runKey(workflow, node) -> run state, shaped like a GET /loralab/history run
 const views = new Set(); // the live widgets of TrainLora nodes on any open graph
 
-function newRun(nodeId, promptId, status = "running") {
+function runKey(workflow, nodeId) {
+  return `${workflow || ""}|${nodeId}`;
+}
+
+function newRun(nodeId, promptId, status = "running", workflow = "") {
   return {
-    node: nodeId, prompt_id: promptId, status, total: null, step: 0, global_step: 0, loss: null, smoothed: null,
-    lr: null, s_per_step: null, eta_s: null, points: [], samples: [], checkpoints: [], message: "",
+    node: nodeId, prompt_id: promptId, workflow, status, total: null, step: 0, global_step: 0, loss: null,
+    smoothed: null, lr: null, s_per_step: null, eta_s: null, points: [], samples: [], checkpoints: [], message: "",
   };
 }
 
-/** The run of ``nodeId`` for ``promptId``: a new prompt on the node starts over (the previous
- * run's chart stays until then). */
-function runFor(nodeId, promptId) {
-  const id = String(nodeId);
-  let run = runs.get(id);
-  if (!run || (promptId && run.prompt_id !== promptId)) {
-    run = newRun(id, promptId);
-    runs.set(id, run);
+/** The run an event ``d`` belongs to: a new prompt on the node starts over (the previous run's
+ * chart stays until then). */
+function runFor(d) {
+  const id = String(d.node);
+  const key = runKey(d.workflow, id);
+  let run = runs.get(key);
+  if (!run || (d.prompt_id && run.prompt_id !== d.prompt_id)) {
+    run = newRun(id, d.prompt_id, "running", d.workflow || "");
+    runs.set(key, run);
   }
   return run;
 }
@@ -48,42 +55,44 @@ function checkpointMessage(c) {
 const SCALARS = ["total", "step", "global_step", "loss", "smoothed", "lr", "s_per_step", "eta_s"];
 
 function onProgress(d) {
-  const run = runFor(d.node, d.prompt_id);
+  const run = runFor(d);
   appendPoints(run, d.points);
   for (const k of SCALARS) if (k in d) run[k] = d[k];
   if (!TERMINAL.has(run.status)) run.status = "running";
-  changed(run.node);
+  changed(run);
 }
 
 function onStatus(d) {
-  const run = runFor(d.node, d.prompt_id);
+  const run = runFor(d);
   run.status = d.status;
   if (d.status === "finished") run.eta_s = 0;
   if (d.status === "error" && !run.message) run.message = "Training failed: see the error ComfyUI reported.";
-  changed(run.node);
+  changed(run);
 }
 
 function onSample(d) {
-  const run = runFor(d.node, d.prompt_id);
+  const run = runFor(d);
   run.samples.push({ step: d.step, image: d.image });
-  changed(run.node);
+  changed(run);
 }
 
 function onCheckpoint(d) {
-  const run = runFor(d.node, d.prompt_id);
+  const run = runFor(d);
   const entry = { step: d.step, reason: d.reason, path: d.path, message: d.message };
   run.checkpoints.push(entry);
   run.message = checkpointMessage(entry);
-  changed(run.node);
+  changed(run);
 }
 
 /** A run from GET /loralab/history. The server holds every point, the socket may have brought
  * newer ones while the request was under way: keep both, and a final status over "running". */
 function mergeHistory(h) {
   const id = String(h.node);
-  const held = runs.get(id);
-  const run = newRun(id, h.prompt_id, h.status);
-  Object.assign(run, h, { node: id, points: [], samples: [...(h.samples || [])], checkpoints: [...(h.checkpoints || [])] });
+  const key = runKey(h.workflow, id);
+  const held = runs.get(key);
+  const run = newRun(id, h.prompt_id, h.status, h.workflow || "");
+  Object.assign(run, h, { node: id, workflow: h.workflow || "", points: [], samples: [...(h.samples || [])],
+                          checkpoints: [...(h.checkpoints || [])] });
   appendPoints(run, h.points);
   if (held && held.prompt_id === h.prompt_id) {
     appendPoints(run, held.points);
@@ -94,8 +103,8 @@ function mergeHistory(h) {
   }
   const lastCheckpoint = run.checkpoints[run.checkpoints.length - 1];
   run.message = lastCheckpoint ? checkpointMessage(lastCheckpoint) : run.status === "error" ? "Training failed: see the error ComfyUI reported." : "";
-  runs.set(id, run);
-  changed(id);
+  runs.set(key, run);
+  changed(run);
 }
 
 async function loadHistory() {
@@ -111,22 +120,36 @@ async function loadHistory() {
 
 // --- the widget --------------------------------------------------------------------------------
 
-/** The id the server uses for this node: its own id, or for a node inside a subgraph the
- * execution path ending in it. */
-function viewMatches(view, nodeId) {
-  const own = String(view.node.id);
-  return own === nodeId || nodeId.endsWith(`:${own}`);
+/** The id of the workflow a node belongs to (its root graph's: a subgraph's nodes share it). */
+function workflowOf(node) {
+  const graph = node?.graph;
+  return String(graph?.rootGraph?.id ?? graph?.id ?? app.graph?.id ?? "");
+}
+
+/** Whether ``run`` belongs to the node ``own`` (its id) of workflow ``workflow``: the server names
+ * a node by its id, or for a node inside a subgraph by the execution path ending in it; a run
+ * queued without a workflow (through the API) goes to that node id in any workflow. */
+function runMatches(run, own, workflow) {
+  return (run.workflow === workflow || !run.workflow) && (run.node === own || run.node.endsWith(`:${own}`));
+}
+
+/** The run shown on node ``own`` of ``workflow``: its own workflow's before a workflow-less one. */
+function runOf(own, workflow) {
+  let fallback;
+  for (const run of runs.values()) {
+    if (!runMatches(run, own, workflow)) continue;
+    if (run.workflow === workflow && run.node === own) return run;
+    if (!fallback || (run.workflow === workflow && !fallback.workflow)) fallback = run;
+  }
+  return fallback;
 }
 
 function runOfView(view) {
-  const own = String(view.node.id);
-  if (runs.has(own)) return runs.get(own);
-  for (const [id, run] of runs) if (id.endsWith(`:${own}`)) return run;
-  return undefined;
+  return runOf(String(view.node.id), workflowOf(view.node));
 }
 
-function changed(nodeId) {
-  for (const view of views) if (viewMatches(view, String(nodeId))) view.schedule();
+function changed(run) {
+  for (const view of views) if (runMatches(run, String(view.node.id), workflowOf(view.node))) view.schedule();
 }
 
 function viewURL(image) {
@@ -237,11 +260,16 @@ function listen(type, handler) {
   });
 }
 
+/** The run shown on node ``nodeId`` of the open workflow. */
+function runOfOpenNode(nodeId) {
+  return runOf(String(nodeId), String(app.graph?.id ?? ""));
+}
+
 window.LoraLab = {
-  /** [[step, loss, smoothed], ...] held for ``nodeId`` (a copy). */
-  chartPoints: (nodeId) => (runs.get(String(nodeId))?.points || []).map((p) => [...p]),
-  /** The status line text for ``nodeId``. */
-  status: (nodeId) => statusText(runs.get(String(nodeId))),
+  /** [[step, loss, smoothed], ...] shown on node ``nodeId`` of the open workflow (a copy). */
+  chartPoints: (nodeId) => (runOfOpenNode(nodeId)?.points || []).map((p) => [...p]),
+  /** The status line text of node ``nodeId`` of the open workflow. */
+  status: (nodeId) => statusText(runOfOpenNode(nodeId)),
 };
 
 app.registerExtension({

@@ -81,8 +81,8 @@ class LiveRun:
     """One run of one node as the browser sees it. Points are kept as compact arrays: a 100k-step
     run costs a few MB, not a list of Python tuples."""
 
-    def __init__(self, node: str, prompt_id: str, total: int, completed: int):
-        self.node, self.prompt_id, self.total = node, prompt_id, total
+    def __init__(self, node: str, prompt_id: str, total: int, completed: int, workflow: str = ""):
+        self.node, self.prompt_id, self.total, self.workflow = node, prompt_id, total, workflow
         self.status = "running"
         self.step, self.global_step = 0, completed
         self.loss = self.smoothed = self.lr = self.s_per_step = self.eta_s = None
@@ -96,33 +96,37 @@ class LiveRun:
                 for s, l, m in zip(self.steps[start:], self.losses[start:], self.smooths[start:])]
 
     def to_json(self) -> dict:
-        return {"node": self.node, "prompt_id": self.prompt_id, "status": self.status, "total": self.total,
+        return {"node": self.node, "prompt_id": self.prompt_id, "workflow": self.workflow, "status": self.status,
+                "total": self.total,
                 "step": self.step, "global_step": self.global_step, "loss": self.loss, "smoothed": self.smoothed,
                 "lr": self.lr, "s_per_step": self.s_per_step, "eta_s": self.eta_s, "points": self.points(),
                 "samples": list(self.samples), "checkpoints": list(self.checkpoints)}
 
 
 class RunHistory:
-    """The latest run of each node, at most ``max_runs`` of them; shared by the training thread
-    (writes) and the server's event loop (reads), hence the lock."""
+    """The latest run of each node of each workflow, at most ``max_runs`` of them; shared by the
+    training thread (writes) and the server's event loop (reads), hence the lock. Node ids repeat
+    across workflows (every template has a node 5), so a run is keyed by its workflow's id too."""
 
     def __init__(self, max_runs: int = MAX_RUNS):
         self.max_runs = max_runs
         self.lock = threading.Lock()
-        self._runs: OrderedDict[str, LiveRun] = OrderedDict()
+        self._runs: OrderedDict[tuple[str, str], LiveRun] = OrderedDict()
 
     def begin(self, run: LiveRun) -> None:
-        """``run`` replaces the node's previous run; the least recently started node goes first."""
+        """``run`` replaces its node's previous run; the least recently started node goes first."""
+        key = (run.workflow, run.node)
         with self.lock:
-            self._runs.pop(run.node, None)
-            self._runs[run.node] = run
+            self._runs.pop(key, None)
+            self._runs[key] = run
             while len(self._runs) > self.max_runs:
                 self._runs.popitem(last=False)
 
-    def snapshot(self, node: str | None = None) -> dict:
-        """The body of GET /loralab/history (``node`` filters to one node id)."""
+    def snapshot(self, node: str | None = None, workflow: str | None = None) -> dict:
+        """The body of GET /loralab/history (``node`` and ``workflow`` filter the runs)."""
         with self.lock:
-            runs = [r.to_json() for r in self._runs.values() if node is None or r.node == node]
+            runs = [r.to_json() for r in self._runs.values()
+                    if (node is None or r.node == node) and (workflow is None or r.workflow == workflow)]
         return {"runs": runs}
 
     def clear(self) -> None:
@@ -131,6 +135,14 @@ class RunHistory:
 
 
 HISTORY = RunHistory()
+
+
+def workflow_id(extra_pnginfo) -> str:
+    """The id the frontend gave the workflow a prompt was queued from ('' for an API prompt
+    without one): ComfyUI's extra_pnginfo carries the workflow, whose top-level id is that id."""
+    workflow = extra_pnginfo.get("workflow") if isinstance(extra_pnginfo, dict) else None
+    value = workflow.get("id") if isinstance(workflow, dict) else None
+    return str(value) if isinstance(value, (str, int)) else ""
 
 
 def _prompt_server():
@@ -172,22 +184,23 @@ class LiveTrainingEvents(TrainingEvents):
 
     def __init__(self, node: str, prompt_id: str, output_dir: str | None = None, *,
                  send: Callable[[str, dict], object] = send_to_browser, clock: Callable[[], float] = time.monotonic,
-                 history: RunHistory = HISTORY, interval: float = MIN_INTERVAL_S):
-        self.node, self.prompt_id, self.output_dir = str(node), str(prompt_id), output_dir
+                 history: RunHistory = HISTORY, interval: float = MIN_INTERVAL_S, workflow: str = ""):
+        self.node, self.prompt_id, self.output_dir, self.workflow = str(node), str(prompt_id), output_dir, str(workflow)
         self._send, self.clock, self.history, self.interval = send, clock, history, interval
         self.run: LiveRun | None = None
         self._send_failed = False
 
     @classmethod
-    def for_running_node(cls, unique_id, output_dir: str | None) -> "LiveTrainingEvents":
-        """The sink of the node ComfyUI is executing now, named as the browser names it."""
+    def for_running_node(cls, unique_id, output_dir: str | None, extra_pnginfo=None) -> "LiveTrainingEvents":
+        """The sink of the node ComfyUI is executing now, named as the browser names it: its node
+        id, and the id of the workflow it was queued from (in ``extra_pnginfo``, '' without one)."""
         node = unique_id if unique_id is not None else _running_node_id()
-        return cls(str(node), running_prompt_id(), output_dir)
+        return cls(str(node), running_prompt_id(), output_dir, workflow=workflow_id(extra_pnginfo))
 
     # --- TrainingEvents -------------------------------------------------------------------------
 
     def started(self, total: int, completed: int) -> None:
-        self.run = LiveRun(self.node, self.prompt_id, total, completed)
+        self.run = LiveRun(self.node, self.prompt_id, total, completed, self.workflow)
         self.history.begin(self.run)
         self._smoother = RunningSmoother()
         self._throttle = Throttle(self.interval, self.clock)
@@ -221,7 +234,7 @@ class LiveTrainingEvents(TrainingEvents):
         run = self._current()
         with self.history.lock:
             run.samples.append(entry)
-        self._emit(SAMPLE, {"node": self.node, "prompt_id": self.prompt_id, **entry})
+        self._emit(SAMPLE, {**self._ids(), **entry})
 
     def checkpoint(self, step: int, path: str, reason: str, message: str) -> None:
         rel = self._relative(path)
@@ -230,7 +243,7 @@ class LiveTrainingEvents(TrainingEvents):
         run = self._current()
         with self.history.lock:
             run.checkpoints.append(entry)
-        self._emit(CHECKPOINT, {"node": self.node, "prompt_id": self.prompt_id, **entry})
+        self._emit(CHECKPOINT, {**self._ids(), **entry})
 
     def finished(self, status: str) -> None:
         run = self._current()
@@ -255,13 +268,17 @@ class LiveTrainingEvents(TrainingEvents):
         with self.history.lock:
             points = run.points(self._sent)
             self._sent = len(run.steps)
-            data = {"node": self.node, "prompt_id": self.prompt_id, "step": run.step, "total": run.total,
+            data = {**self._ids(), "step": run.step, "total": run.total,
                     "global_step": run.global_step, "loss": run.loss, "smoothed": run.smoothed, "lr": run.lr,
                     "s_per_step": run.s_per_step, "eta_s": run.eta_s, "points": points}
         self._emit(PROGRESS, data)
 
     def _status(self, status: str) -> None:
-        self._emit(STATUS, {"node": self.node, "prompt_id": self.prompt_id, "status": status})
+        self._emit(STATUS, {**self._ids(), "status": status})
+
+    def _ids(self) -> dict:
+        """What names the run in every event: node, prompt and workflow."""
+        return {"node": self.node, "prompt_id": self.prompt_id, "workflow": self.workflow}
 
     def _emit(self, event: str, data: dict) -> None:
         """Sends; a failing socket never stops training (logged once per run)."""
@@ -284,7 +301,7 @@ class LiveTrainingEvents(TrainingEvents):
 
 async def _history_handler(request):
     from aiohttp import web
-    return web.json_response(HISTORY.snapshot(request.query.get("node")))
+    return web.json_response(HISTORY.snapshot(request.query.get("node"), request.query.get("workflow")))
 
 
 _routes_added = False

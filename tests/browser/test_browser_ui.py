@@ -233,6 +233,14 @@ def test_template_trains_with_live_chart(ui, browser_server, screenshot):
     assert f"{steps}/{steps}" in status, status
     assert ui.live_widget(train_id) == {"attached": True, "visible": True, "status": status}
     assert ui.chart_image(train_id) not in (empty_chart, midrun_chart), "the final chart was not drawn"
+    # The run is the open workflow's: another workflow's node of the same id does not show it.
+    workflow = page.evaluate("() => String(app.graph.id)")
+    (run,) = browser_server.get_json(f"/loralab/history?node={train_id}")["runs"]
+    assert run["workflow"] == workflow and workflow
+    other = page.evaluate("""([id, wf]) => { const keep = app.graph.id; app.graph.id = wf;
+        try { return window.LoraLab.chartPoints(String(id)).length; } finally { app.graph.id = keep; } }""",
+                          [train_id, "another-workflow"])
+    assert other == 0
     screenshot(page, "05_finished")
     screenshot(page, "06_train_node_finished", clip=page.evaluate(FRAME_NODE, [train_id, TOP_OVERLAYS_PX]))
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from loralab.report.live import (CHECKPOINT, MAX_RUNS, PROGRESS, SAMPLE, STATUS, LiveTrainingEvents, RunHistory,
-                                 RunningSmoother, Throttle, register_routes, send_to_browser)
+                                 RunningSmoother, Throttle, register_routes, send_to_browser, workflow_id)
 from loralab.report.loss_plot import smooth_losses
 from loralab.sampler.train_sampler import StepReport
 
@@ -37,10 +37,10 @@ class Recorder:
         return [d for e, d in self.events if e == kind]
 
 
-def make_sink(clock=None, history=None, node="7", prompt="p1", output_dir=None, interval=0.3):
+def make_sink(clock=None, history=None, node="7", prompt="p1", output_dir=None, interval=0.3, workflow=""):
     rec = Recorder()
     sink = LiveTrainingEvents(node, prompt, output_dir, send=rec, clock=clock or FakeClock(),
-                              history=history or RunHistory(), interval=interval)
+                              history=history or RunHistory(), interval=interval, workflow=workflow)
     return sink, rec
 
 
@@ -217,6 +217,27 @@ def test_history_keeps_the_latest_run_per_node_and_a_bounded_number_of_nodes():
     assert history.snapshot("nope") == {"runs": []}
 
 
+def test_the_same_node_id_in_two_workflows_keeps_two_runs_and_every_event_names_its_workflow():
+    """Every template has a Train LoRA node 5: a run of one workflow must not replace (or show up
+    as) the run of another workflow's node 5."""
+    history = RunHistory()
+    basic, rec = make_sink(history=history, node="5", prompt="a", workflow="wf-basic")
+    run_steps(basic, FakeClock(), [0.5, 0.4], 1.0)
+    basic.finished("finished")
+    other, _ = make_sink(history=history, node="5", prompt="b", workflow="wf-continue")
+    run_steps(other, FakeClock(), [0.3], 1.0)
+    runs = {r["workflow"]: r for r in history.snapshot(node="5")["runs"]}
+    assert {w: (r["prompt_id"], len(r["points"])) for w, r in runs.items()} == {"wf-basic": ("a", 2),
+                                                                                 "wf-continue": ("b", 1)}
+    assert [r["prompt_id"] for r in history.snapshot(workflow="wf-basic")["runs"]] == ["a"]
+    assert {d["workflow"] for e, d in rec.events} == {"wf-basic"}
+
+
+def test_workflow_id_comes_from_the_frontends_extra_pnginfo():
+    assert workflow_id({"workflow": {"id": "6f1c2a52-0001", "nodes": []}}) == "6f1c2a52-0001"
+    assert workflow_id(None) == workflow_id({}) == workflow_id({"workflow": "odd"}) == ""  # API prompts
+
+
 # --- previews and checkpoints ------------------------------------------------------------------
 
 
@@ -227,13 +248,13 @@ def test_sample_and_checkpoint_paths_are_relative_to_the_output_directory(tmp_pa
     sink.sample(4, str(out / "loralab_samples" / "sample_step00004.png"), image=None)
     sink.checkpoint(5, str(out / "loras" / "ck_00005.safetensors"), "interrupted", "Interrupted at step 5")
     (sample,) = rec.of(SAMPLE)
-    assert sample == {"node": "7", "prompt_id": "p1", "step": 4,
+    assert sample == {"node": "7", "prompt_id": "p1", "workflow": "", "step": 4,
                       "image": {"filename": "sample_step00004.png", "subfolder": "loralab_samples", "type": "output"}}
     (ck,) = rec.of(CHECKPOINT)
-    assert ck == {"node": "7", "prompt_id": "p1", "step": 5, "reason": "interrupted",
+    assert ck == {"node": "7", "prompt_id": "p1", "workflow": "", "step": 5, "reason": "interrupted",
                   "path": "loras/ck_00005.safetensors", "message": "Interrupted at step 5"}
     (run,) = sink.history.snapshot()["runs"]
-    assert run["samples"] == [{k: v for k, v in sample.items() if k not in ("node", "prompt_id")}]
+    assert run["samples"] == [{k: v for k, v in sample.items() if k not in ("node", "prompt_id", "workflow")}]
     assert run["checkpoints"][0]["path"] == "loras/ck_00005.safetensors"
 
 

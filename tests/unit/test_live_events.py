@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from loralab.report.live import (CHECKPOINT, MAX_RUNS, PROGRESS, SAMPLE, STATUS, LiveTrainingEvents, RunHistory,
-                                 RunningSmoother, Throttle, register_routes, send_to_browser, workflow_id)
+                                 LiveRun, RunningSmoother, Throttle, register_routes, send_to_browser, workflow_id)
 from loralab.report.loss_plot import smooth_losses
 from loralab.sampler.train_sampler import StepReport
 
@@ -278,3 +278,25 @@ def test_without_comfyuis_server_nothing_is_sent_and_no_route_is_added(monkeypat
     run_steps(sink, FakeClock(), [0.2, 0.1], 1.0)
     sink.finished("finished")
     assert [p[0] for p in history.snapshot("9")["runs"][0]["points"]] == [1, 2]
+
+
+def test_history_snapshot_builds_its_json_outside_the_lock_from_a_stable_copy(monkeypatch):
+    """Training takes the lock at every step: building a long run's points under it would stall
+    training for as long as a page (re)load asks for the history."""
+    history = RunHistory()
+    clock = FakeClock()
+    sink, _ = make_sink(clock=clock, history=history)
+    run_steps(sink, clock, [0.5, 0.4, 0.3], 1.0)
+    built_under_lock = []
+    original = LiveRun.to_json
+
+    def to_json(run):
+        built_under_lock.append(history.lock.locked())
+        if not built_under_lock[-1]:  # training goes on meanwhile (under the lock it would deadlock)
+            sink.step(StepReport(4, 4, 0.2, 1.0, lr=1e-3, completed=4))
+        return original(run)
+
+    monkeypatch.setattr(LiveRun, "to_json", to_json)
+    (run,) = history.snapshot()["runs"]
+    assert built_under_lock == [False]
+    assert [p[0] for p in run["points"]] == [1, 2, 3]  # the copy taken at the call, not the later step

@@ -18,6 +18,7 @@ from .sampler import train_state
 from .report.loss_plot import render_loss_plot
 from .report.live import LiveTrainingEvents
 from .sampler.dtypes import DTYPE_CHOICES
+from .sampler.schedules import SCHEDULERS
 from .sampler.lora_training import ExistingAdapter, LoraTrainingRequest, train_lora
 from .sampler.objective import LOSS_FUNCTIONS
 from .sampler.run_checkpoints import save_lora
@@ -132,6 +133,16 @@ class TrainLora(io.ComfyNode):
                 io.Conditioning.Input("sample_positive", optional=True,
                                       tooltip="Prompt of the preview images (a CLIP Text Encode)."),
                 io.Vae.Input("sample_vae", optional=True, tooltip="VAE that decodes the preview images."),
+                io.Combo.Input("lr_scheduler", options=list(SCHEDULERS), default="constant", optional=True,
+                               tooltip="How the learning rate changes over the run (kohya's names): constant, or decaying to 0 at the last step."),
+                io.Int.Input("lr_warmup_steps", default=0, min=0, max=100000, optional=True,
+                             tooltip="Steps over which the learning rate rises linearly to learning_rate before the schedule starts."),
+                io.Int.Input("lr_scheduler_num_cycles", default=1, min=1, max=1000, optional=True,
+                             tooltip="cosine_with_restarts: how many times the cosine restarts from the full rate."),
+                io.Float.Input("lr_scheduler_power", default=1.0, min=0.01, max=100.0, step=0.01, optional=True,
+                               tooltip="polynomial: the power of the decay (1 = linear)."),
+                io.Float.Input("max_grad_norm", default=0.0, min=0.0, max=1000.0, step=0.01, optional=True,
+                               tooltip="Clip the adapter's gradient norm to this before each step (kohya uses 1.0); 0 = no clipping."),
             ],
             hidden=[io.Hidden.unique_id, io.Hidden.prompt, io.Hidden.extra_pnginfo],
             outputs=[
@@ -149,12 +160,17 @@ class TrainLora(io.ComfyNode):
                 train_norm_bias=None, bypass_mode=None, captions=None, lokr_factor=None, lokr_full_matrix=None,
                 lokr_decompose_both=None, oft_constraint=None, boft_m=None, checkpoint_depth=None, offloading=None,
                 sample_every=None, sample_seed=None, sample_width=None, sample_height=None, sample_steps=None,
-                save_every=None, keep_last=None, checkpoint_prefix=None, sample_positive=None, sample_vae=None):
+                save_every=None, keep_last=None, checkpoint_prefix=None, sample_positive=None, sample_vae=None,
+                lr_scheduler=None, lr_warmup_steps=None, lr_scheduler_num_cycles=None, lr_scheduler_power=None,
+                max_grad_norm=None):
         existing = _load_existing(_first(existing_lora))
         config = TrainConfig(
             steps=_first(steps), batch_size=_first(batch_size), grad_accumulation_steps=_first(grad_accumulation_steps),
             learning_rate=_first(learning_rate), optimizer=_first(optimizer), loss_function=_first(loss_function),
-            seed=_first(seed))
+            seed=_first(seed), lr_scheduler=_first(lr_scheduler) or "constant",
+            lr_warmup_steps=_first(lr_warmup_steps) or 0, lr_scheduler_num_cycles=_first(lr_scheduler_num_cycles) or 1,
+            lr_scheduler_power=1.0 if lr_scheduler_power is None else _first(lr_scheduler_power),
+            max_grad_norm=_first(max_grad_norm) or 0.0)
         chosen = {"factor": lokr_factor, "full_matrix": lokr_full_matrix, "decompose_both": lokr_decompose_both,
                   "constraint": oft_constraint, "boft_m": boft_m}
         algorithm = ALGORITHM_CHOICES[_first(algorithm)]

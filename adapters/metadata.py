@@ -64,7 +64,8 @@ def training_metadata(*, algorithm: str, rank: int, alpha: float, steps: int, le
                       optimizer: str, loss_function: str, batch_size: int, seed: int,
                       training_dtype: torch.dtype, target_layers: str, started_at: float | None = None,
                       captions: list[str] | None = None, algorithm_options: dict | None = None,
-                      norm_bias: bool = False) -> dict[str, str]:
+                      norm_bias: bool = False, lr_scheduler: str = "constant", lr_warmup_steps: int = 0,
+                      max_grad_norm: float = 0.0) -> dict[str, str]:
     """String metadata describing a training run (kohya ``ss_*``, ``modelspec.*``, ``loralab_*``)."""
     base_version, arch = BASE_MODELS.get(base_model, (base_model.lower(), base_model.lower()))
     width, height = max(resolutions, key=lambda r: r[0] * r[1]) if resolutions else (0, 0)
@@ -82,6 +83,9 @@ def training_metadata(*, algorithm: str, rank: int, alpha: float, steps: int, le
         "ss_learning_rate": repr(float(learning_rate)),
         "ss_unet_lr": repr(float(learning_rate)),
         "ss_text_encoder_lr": "0.0",
+        "ss_lr_scheduler": lr_scheduler,
+        "ss_lr_warmup_steps": str(lr_warmup_steps),
+        "ss_max_grad_norm": repr(float(max_grad_norm)),
         "ss_network_train_unet_only": "True",
         "ss_resolution": f"({width}, {height})",
         "ss_bucket_info": json.dumps({"buckets": {str(i): {"resolution": list(r)} for i, r in enumerate(resolutions)}}),

@@ -57,7 +57,8 @@ export function statusText(run) {
       return parts(`Failed at step ${steps}${overall}`);
     default:
       if (!run.step) return `Starting: ${run.total ?? "?"} steps…`;
-      return [parts(`Step ${steps}${overall}`), `ETA ${formatDuration(run.eta_s)}`].join(" · ");
+      const lr = Number.isFinite(run.lr) ? `lr ${Number(run.lr).toExponential(1)}` : ""; // follows lr_scheduler
+      return [parts(`Step ${steps}${overall}`), lr, `ETA ${formatDuration(run.eta_s)}`].filter(Boolean).join(" · ");
   }
 }
 

@@ -332,7 +332,9 @@ def _lora_state(model_patcher, request: LoraTrainingRequest, network: AdapterNet
         optimizer=request.config.optimizer, loss_function=request.config.loss_function,
         batch_size=request.config.batch_size, seed=request.config.seed, training_dtype=dtype,
         target_layers=target_layers, started_at=started, captions=request.captions,
-        algorithm_options=algorithm_options, norm_bias=len(network.offsets) > 0)
+        algorithm_options=algorithm_options, norm_bias=len(network.offsets) > 0,
+        lr_scheduler=request.config.lr_scheduler, lr_warmup_steps=request.config.lr_warmup_steps,
+        max_grad_norm=request.config.max_grad_norm)
     lora = LoraStateDict(network.to_state_dict(), metadata)
     lora.kohya_names = kohya_layer_names(model_patcher.model, network.names + [l for (l, _), _ in network.offsets.items()])
     lora.train_state = sampler.capture_state(_fingerprint(request, network))

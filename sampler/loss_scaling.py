@@ -34,24 +34,26 @@ class LossScaler:
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss * self.scale if self.enabled else loss
 
-    def step(self, optimizer: torch.optim.Optimizer, parameters: list[torch.Tensor]) -> bool:
-        """Unscales the gradients and steps ``optimizer``, or skips the step when a gradient is not
-        finite. Returns whether the step was taken."""
+    def unscale(self, parameters: list[torch.Tensor]) -> bool:
+        """Divides the gradients by the scale (before clipping or the optimizer reads them);
+        returns whether they are all finite. Always True while disabled: nothing to check."""
+        return True if not self.enabled else self._unscale(parameters)
+
+    def update(self, finite: bool) -> None:
+        """After a step: a skipped one (``finite`` False) halves the scale; ``growth_interval``
+        clean ones in a row double it."""
         if not self.enabled:
-            optimizer.step()
-            return True
-        if not self._unscale(parameters):
+            return
+        if not finite:
             self.skipped += 1
             self.scale /= 2.0
             self.clean_steps = 0
             log.info("LoRA Lab: fp16 gradients overflowed; step skipped, loss scale lowered to %g", self.scale)
-            return False
-        optimizer.step()
+            return
         self.clean_steps += 1
         if self.clean_steps >= self.growth_interval:
             self.scale *= 2.0
             self.clean_steps = 0
-        return True
 
     def _unscale(self, parameters: list[torch.Tensor]) -> bool:
         """Divides every gradient by the scale in place; False if any holds inf or NaN."""

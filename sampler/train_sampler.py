@@ -21,6 +21,7 @@ from .loss_scaling import LossScaler
 from .objective import loss_function, model_loss, sample_sigmas
 from . import train_state
 from .optimizers import make_optimizer
+from .schedules import check_schedule, lr_factor
 from .training_set import TrainingSet
 
 log = logging.getLogger("loralab")
@@ -36,6 +37,11 @@ class TrainConfig:
     loss_function: str = "MSE"
     seed: int = 0
     compute_dtype: torch.dtype = torch.float32  # the model's; fp16 turns on loss scaling
+    lr_scheduler: str = "constant"  # see schedules.SCHEDULERS
+    lr_warmup_steps: int = 0
+    lr_scheduler_num_cycles: int = 1  # cosine_with_restarts
+    lr_scheduler_power: float = 1.0  # polynomial
+    max_grad_norm: float = 0.0  # clip the adapter's gradient norm to this before each step; 0 = off
 
 
 @dataclass
@@ -65,6 +71,11 @@ class TrainSampler:
         self.config = config
         self.on_step = on_step
         self.loss_fn = loss_function(config.loss_function)
+        check_schedule(config.lr_scheduler, config.lr_warmup_steps, config.lr_scheduler_num_cycles,
+                       config.lr_scheduler_power)
+        if not config.max_grad_norm >= 0:
+            raise ValueError(f"max_grad_norm must be 0 (off) or positive, got {config.max_grad_norm}")
+        self.schedule_total = config.steps  # steps of the whole schedule; run() adds those done before
         self.optimizer = make_optimizer(config.optimizer, self.parameters, config.learning_rate)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.device = model_patcher.load_device
@@ -99,9 +110,24 @@ class TrainSampler:
             loss = self._micro_batch_loss()
             self.scaler.scale_loss(loss / accumulate).backward()
             total += loss.detach().float().cpu()
-        self.scaler.step(self.optimizer, self.parameters)
+        self._set_learning_rate()
+        finite = self.scaler.unscale(self.parameters)
+        if finite:
+            if self.config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.parameters, self.config.max_grad_norm)
+            self.optimizer.step()
+        self.scaler.update(finite)
         self.optimizer.zero_grad(set_to_none=True)
         return float(total) / accumulate
+
+    def _set_learning_rate(self) -> None:
+        """The scheduled rate of the step after ``completed_steps`` (a global step: a resumed run
+        goes on along the same curve)."""
+        c = self.config
+        factor = lr_factor(self.completed_steps, self.schedule_total, c.lr_scheduler, c.lr_warmup_steps,
+                           c.lr_scheduler_num_cycles, c.lr_scheduler_power)
+        for group in self.optimizer.param_groups:
+            group["lr"] = c.learning_rate * factor
 
     def capture_state(self, fingerprint: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """Everything needed to continue exactly where this run stands (see train_state)."""
@@ -156,6 +182,7 @@ class TrainSampler:
         ``self.losses`` holds the losses of the completed steps either way.
         """
         self.losses = losses = []
+        self.schedule_total = self.completed_steps + self.config.steps
         with torch.inference_mode(False), torch.enable_grad():
             for i in range(self.config.steps):
                 start = time.perf_counter()

@@ -3,6 +3,7 @@ accumulated step resumes bit-exactly, and periodic checkpoints keep the newest f
 ComfyUI's own LoRA loader reads completely."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 
@@ -14,7 +15,7 @@ import comfy.model_management
 import comfy.sd
 
 from loralab.adapters.files import load_adapter_file
-from loralab.sampler import train_state
+from loralab.sampler import lora_training, train_state
 from loralab.sampler.lora_training import ExistingAdapter, LoraTrainingRequest, release_patcher, train_lora
 from loralab.sampler.run_outputs import CheckpointSettings, TrainingEvents
 from loralab.sampler.train_sampler import TrainConfig
@@ -146,3 +147,49 @@ def test_periodic_checkpoints_keep_the_newest_and_load_in_comfyui(sd15, motif_tr
     resumed = train_lora(model, latents[:2], positive[:2], _request(1, existing=_existing(folder / "per_step00006.safetensors")))
     a, b = _weights(result.network), _weights(resumed.network)
     assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def _scheduled(steps, checkpoints=None, existing=None, **config):
+    request = _request(steps, checkpoints, existing)
+    settings = {"lr_scheduler": "cosine", "lr_warmup_steps": 2, "max_grad_norm": 0.05, **config}
+    request.config = dataclasses.replace(request.config, **settings)
+    return request
+
+
+def test_a_scheduled_clipped_run_resumes_along_the_same_curve_bit_exactly(sd15, motif_training_inputs, tmp_path,
+                                                                          interrupt_on_draw):
+    model, _, _ = sd15
+    latents, positive = motif_training_inputs
+    latents, positive = latents[:2], positive[:2]
+    lrs = []
+    whole = train_lora(model, latents, positive, _scheduled(5), on_step=lambda r: lrs.append(r.lr))
+    # 2 warmup steps (half, then full rate), then a cosine over the 3 steps left: 1, 0.75, 0.25
+    assert lrs == pytest.approx([2e-3 * f for f in (0.5, 1.0, 1.0, 0.75, 0.25)])
+    assert whole.lora.metadata["ss_lr_scheduler"] == "cosine" and whole.lora.metadata["ss_max_grad_norm"] == "0.05"
+
+    settings = CheckpointSettings(output_dir=str(tmp_path), prefix="loras/sched")
+    interrupt_on_draw(3)  # in step 3: steps 1 and 2 are done
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        train_lora(model, latents, positive, _scheduled(5, settings))
+    interrupt_on_draw(None)
+    path = tmp_path / "loras" / "sched_step00002_interrupted.safetensors"
+    resumed_lrs = []
+    resumed = train_lora(model, latents, positive, _scheduled(3, existing=_existing(path)),
+                         on_step=lambda r: resumed_lrs.append(r.lr))
+    assert resumed_lrs == lrs[2:]
+    a, b = _weights(whole.network), _weights(resumed.network)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_max_grad_norm_clips_the_whole_adapter_gradient(sd15, motif_training_inputs):
+    """SGD at rate 1 moves the weights by exactly the gradient: after clipping, its norm."""
+    model, _, _ = sd15
+    latents, positive = motif_training_inputs
+    request = _scheduled(1, optimizer="SGD", learning_rate=1.0, max_grad_norm=1e-4, lr_scheduler="constant",
+                         lr_warmup_steps=0)
+    initial = lora_training._new_network(model.model, request, dtype=torch.float32, device=torch.device("cpu"))
+    result = train_lora(model, latents[:1], positive[:1], request)
+    before, after = _weights(initial), _weights(result.network)
+    moved = torch.sqrt(sum(((after[n] - before[n]).double() ** 2).sum() for n in before))
+    assert float(moved) == pytest.approx(1e-4, rel=1e-3)

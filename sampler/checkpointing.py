@@ -16,6 +16,11 @@ nothing:
 - a piece that frees far less memory per FLOP of recompute than the best piece (a UNet's
   ResBlocks, next to its transformer blocks): measured by one forward before training, see
   checkpoint_plan.
+
+A piece that adds to its own input in place (Flux's blocks: ``img += ...``) would change the
+input the checkpoint keeps for its recompute; such a piece runs on a copy of what it modifies (see
+inplace_guard.InputCopies: learnt from the measuring forward, nothing copied where nothing is
+modified).
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import torch.utils.checkpoint
 from comfy.patcher_extension import PatcherInjection
 
 from .checkpoint_plan import PieceMeter, choose_pieces, describe, exchange_rate
+from .inplace_guard import InputCopies, observing
 from .recompute_reuse import with_kept_results
 
 CHECKPOINT_KEY = "loralab_checkpointing"
@@ -86,6 +92,7 @@ class CheckpointPlan:
         self.chosen: set[str] | None = None  # None: not measured, every unit is checkpointed
         self.costs: dict = {}
         self.keep_below: float | None = None  # bytes per FLOP under which a piece keeps a result
+        self.copies = InputCopies()  # which inputs each piece modifies in place
 
     def __len__(self) -> int:
         return len(self.names)
@@ -95,8 +102,10 @@ class CheckpointPlan:
 
     def measure(self, forward) -> str:
         """Runs ``forward()`` (a training forward with grad enabled, never back-propagated), measures
-        every unit and keeps the ones worth checkpointing; returns a line for the log."""
-        self.costs = self.meter.measure(forward)
+        every unit and keeps the ones worth checkpointing; returns a line for the log. The units
+        also show which of their inputs they modify in place (see InputCopies)."""
+        with observing():
+            self.costs = self.meter.measure(forward)
         self.chosen = choose_pieces(self.costs)
         self.keep_below = exchange_rate(self.costs) or None
         return describe(self.costs, self.chosen)
@@ -106,11 +115,11 @@ def _checkpointed(name: str, forward, plan: CheckpointPlan):
     def run(*args, **kwargs):
         plan.order.note(name)
         if plan.meter.active:
-            return plan.meter.run(name, forward, args, kwargs)
+            return plan.meter.run(name, lambda *a, **k: plan.copies.observe(name, forward, a, k), args, kwargs)
         if not torch.is_grad_enabled() or not plan.checkpoints(name):
             return forward(*args, **kwargs)
-        return torch.utils.checkpoint.checkpoint(with_kept_results(forward, plan.keep_below), *args,
-                                                 use_reentrant=False, **kwargs)
+        return torch.utils.checkpoint.checkpoint(with_kept_results(plan.copies.wrap(name, forward), plan.keep_below),
+                                                 *args, use_reentrant=False, **kwargs)
     return run
 
 

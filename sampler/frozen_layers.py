@@ -105,8 +105,12 @@ class _FrozenLinear(torch.autograd.Function):
 
         out_features, in_features = layer.module.weight.shape
         rows = x.numel() // in_features
-        return reuse_in_recompute(compute, 2 * rows * in_features * out_features,
-                                  rows * out_features * x.element_size())
+        out = reuse_in_recompute(compute, 2 * rows * in_features * out_features,
+                                 rows * out_features * x.element_size())
+        # torch's linear returns a 3-D input's output as a view of its 2-D product. A custom Function
+        # whose output is a view forbids modifying that output in place (Flux adds to its layers'
+        # outputs: ``img += ...``); the same tensor detached is no view and copies nothing.
+        return out.detach()
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -28,6 +28,7 @@ from .attention import use_fused_attention
 from .bf16_weights import Bf16Weights
 from .checkpointing import attach_checkpointing
 from .frozen_layers import CONVS, attach_frozen_layers, frozen_forward
+from .inplace_guard import attach_norm_guard
 from .dtypes import resolve_lora_dtype, resolve_training_dtype
 from .previews import RunPreviews, show_on_node
 from .run_checkpoints import RunCheckpoints
@@ -238,6 +239,7 @@ def train_lora(model_patcher, latents, positive, request: LoraTrainingRequest,
                  f" + {len(network.offsets)} norm/bias offsets" if len(network.offsets) else "",
                  network.trainable_parameter_count())
         hooked = attach_for_training(train_mp, network, request.bypass_mode)
+        attach_norm_guard(train_mp)  # norms whose input the model adds to in place (Flux) get a copy
         plan = None
         if request.gradient_checkpointing:
             plan = attach_checkpointing(train_mp, skip=hooked, depth=request.checkpoint_depth)

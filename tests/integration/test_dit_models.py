@@ -1,0 +1,142 @@
+"""Training on DiTs (Flux, SD3): tiny random models built from ComfyUI's own classes (devkit.tiny_dit),
+trained with default settings, and the LoRA loaded by ComfyUI's own loader."""
+from __future__ import annotations
+
+import logging
+import math
+import re
+
+import pytest
+import torch
+
+import comfy.model_management
+import comfy.sd
+
+from devkit.tiny_dit import tiny_inputs, tiny_patcher
+from loralab.adapters.keys import to_key_style
+from loralab.adapters.network import AdapterNetwork
+from loralab.adapters.targets import select_targets
+from loralab.sampler.checkpointing import attach_checkpointing
+from loralab.sampler.inplace_guard import attach_norm_guard
+from loralab.sampler.lora_training import (LoraTrainingRequest, attach, attach_for_training, freeze, release_patcher,
+                                           train_lora)
+from loralab.sampler.objective import loss_function, model_loss, sample_sigmas
+from loralab.sampler.train_sampler import TrainConfig
+from loralab.sampler.training_set import TrainingSet
+
+# The default preset's layers: each block's attention and MLP, Flux's fused single-block layers.
+BLOCK_LAYERS = {
+    "flux": re.compile(r"^(double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02])"
+                       r"|single_blocks\.\d+\.linear[12])$"),
+    "sd3": re.compile(r"^joint_blocks\.\d+\.(x|context)_block\.(attn\.(qkv|proj)|mlp\.fc[12])$"),
+}
+KINDS = {"flux": 10, "sd3": 8}  # layer kinds BLOCK_LAYERS allows, all of which the tiny models have
+
+
+def _model_output(patcher, latents, positive) -> torch.Tensor:
+    """The loaded patcher's prediction on a fixed noised first item."""
+    comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+    with torch.no_grad():
+        data = TrainingSet(patcher.model, latents, positive, patcher.load_device)
+        x0, conds = data.buckets[0].select(torch.tensor([0]))
+        sampling = patcher.model.model_sampling
+        sigma = torch.tensor([float(sampling.percent_to_sigma(0.5))])
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
+        xt = sampling.noise_scaling(sigma, noise, x0, False)
+        options = dict(patcher.model_options.get("transformer_options", {}))
+        return patcher.model.apply_model(xt, sigma, transformer_options=options, **conds).clone()
+
+
+@pytest.mark.parametrize("arch", ["flux", "sd3"])
+def test_default_training_makes_a_lora_comfyui_loads(arch, caplog):
+    patcher = tiny_patcher(arch)
+    latents, positive = tiny_inputs(arch)
+    base = _model_output(patcher, latents, positive)
+    request = LoraTrainingRequest(config=TrainConfig(steps=2))
+    assert request.gradient_checkpointing and request.bypass_mode
+    result = train_lora(patcher, latents, positive, request)
+
+    assert len(result.losses) == 2 and all(math.isfinite(v) for v in result.losses)
+    assert result.checkpointing  # the pieces were measured, and some checkpointed
+    names = result.network.names
+    assert all(BLOCK_LAYERS[arch].match(n) for n in names), names  # no embedder, in/out or modulation layer
+    assert len({re.sub(r"\.\d+\.", ".N.", n) for n in names}) == KINDS[arch]
+
+    trained = _model_output(result.model, latents, positive)
+    change = (trained - base).abs().max().item()
+    assert change > 1e-5
+    for style in ("comfyui", "kohya"):
+        tensors = dict(result.lora) if style == "comfyui" else to_key_style(dict(result.lora), "kohya",
+                                                                           result.lora.kohya_names)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            loaded, _ = comfy.sd.load_lora_for_models(patcher, None, tensors, 1.0, 0)
+        assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()], style
+        assert len(loaded.patches) == len(names)
+        out = _model_output(loaded, latents, positive)
+        assert (out - base).abs().max().item() > 0.5 * change
+        torch.testing.assert_close(out, trained, rtol=0, atol=1e-2 * change)  # same model, merged weights
+
+
+def _flux_setup():
+    patcher = tiny_patcher("flux")
+    freeze(patcher.model)
+    latents, positive = tiny_inputs("flux")
+    network = AdapterNetwork.create(select_targets(patcher.model.diffusion_model), "lora", 4, 4.0, seed=2)
+    with torch.no_grad():
+        for layer in network.layers:
+            layer.lora_down.normal_(0, 0.05)
+    data = TrainingSet(patcher.model, latents, positive, patcher.load_device)
+    x0, conds = data.buckets[0].select(torch.tensor([0, 1]))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    sigma = sample_sigmas(patcher.model.model_sampling, torch.tensor([0.3, 0.8]))
+    return patcher, network, (x0, conds, noise, sigma)
+
+
+def _copying_norms(patcher):
+    """Every norm of the model normalises a copy: the plain fix, as a reference."""
+    for module in patcher.model.diffusion_model.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.forward = lambda x, m=module: torch.nn.LayerNorm.forward(m, x.clone())
+
+
+def test_flux_gradients_match_with_every_fix_in_place():
+    """Frozen layers, gradient checkpointing (measured or not) and the learnt norm guard give the
+    adapter gradients of plain layers with copying norms, on the step that learns and after."""
+    base, network, batch = _flux_setup()
+    loss_fn = loss_function("MSE")
+
+    def grads(patcher):
+        network.zero_grad(set_to_none=True)
+        network.requires_grad_(True)
+        with torch.inference_mode(False), torch.enable_grad():
+            model_loss(patcher, *batch, loss_fn).backward()
+        return {n: p.grad.clone() for n, p in network.named_trainables()}
+
+    reference_patcher = base.clone()
+    attach(reference_patcher, network, bypass=True)
+    comfy.model_management.load_models_gpu([reference_patcher], force_full_load=True)
+    _copying_norms(reference_patcher)
+    reference = grads(reference_patcher)
+    for module in base.model.diffusion_model.modules():
+        module.__dict__.pop("forward", None)
+    release_patcher(reference_patcher)
+    assert all(g.abs().sum() > 0 for g in reference.values())
+
+    for depth, measured in ((1, True), (1, False), (2, False)):
+        patcher = base.clone()
+        hooked = attach_for_training(patcher, network, bypass=True)
+        guard = attach_norm_guard(patcher)
+        plan = attach_checkpointing(patcher, skip=hooked, depth=depth)
+        comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+        if measured:
+            plan.measure(lambda: model_loss(patcher, *batch, loss_fn))
+        for _ in range(2):
+            got = grads(patcher)
+            for name in reference:
+                torch.testing.assert_close(got[name], reference[name], rtol=1e-4, atol=1e-6)
+        assert guard.modified and all(re.search(r"(img|txt)_norm[12]$|pre_norm$", n) for n in guard.modified)
+        copied = {name: keys for name, keys in plan.copies.modified.items() if keys}
+        # at depth 1 the blocks are the pieces: they add to their hidden states; at depth 2 nothing does
+        assert copied == ({"double_blocks.0": {"img", "txt"}, "single_blocks.0": {0}} if depth == 1 else {})
+        release_patcher(patcher)

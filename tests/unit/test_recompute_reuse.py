@@ -92,3 +92,38 @@ def test_frozen_layers_keep_their_output_for_the_recompute_when_it_is_worth_it(k
         once = 2 if kind == "linear" else 1
         assert len(runs) == (once if keep_below == 1.0 else once + 1)
     torch.testing.assert_close(grads[0], grads[1])
+
+
+class Cheap(torch.autograd.Function):
+    """x * 3 whose backward needs no saved output, so the piece may add to it in place."""
+    runs = 0
+
+    @staticmethod
+    def forward(ctx, x):
+        def compute():
+            Cheap.runs += 1
+            return x * 3
+        return reuse_in_recompute(compute, Expensive.FLOPS, x.numel() * x.element_size())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 3
+
+
+def modifying_piece(x):
+    y = Cheap.apply(x.sin())
+    y += x  # in place on the result the forward kept
+    return (y * x).cos()
+
+
+def test_a_kept_result_the_piece_modifies_in_place_is_computed_again():
+    """Handing back the kept tensor would give the recompute x*3 + x where it needs x*3, a wrong
+    gradient with no error: the version counter shows the change."""
+    x = torch.linspace(-1, 1, 12, requires_grad=True)
+    modifying_piece(x).sum().backward()
+    reference = x.grad.clone()
+    x.grad = None
+    Cheap.runs = 0
+    torch.utils.checkpoint.checkpoint(with_kept_results(modifying_piece, 1e-3), x, use_reentrant=False).sum().backward()
+    torch.testing.assert_close(x.grad, reference)
+    assert Cheap.runs == 2

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 
 import comfy.sd
@@ -16,7 +15,7 @@ from .adapters.registry import ALGORITHM_OPTIONS, ALGORITHMS
 from .adapters.targets import DEFAULT_PRESET, PRESETS
 from .sampler import train_state
 from .report.loss_plot import render_loss_plot
-from .report.live import LiveTrainingEvents
+from .report.live import LiveTrainingEvents, finite_or_none
 from .sampler.dtypes import DTYPE_CHOICES
 from .sampler.schedules import SCHEDULERS
 from .sampler.lora_training import ExistingAdapter, LoraTrainingRequest, train_lora
@@ -315,8 +314,7 @@ class LossGraph(io.ComfyNode):
         # "images" shows the PNG as the node's preview; "loss" lets API clients read the values. A
         # non-finite loss goes out as null: NaN is not JSON, and the frontend would drop the whole
         # message (and fail to read /history while the prompt is in it).
-        finite = [v if math.isfinite(v) else None for v in values]
-        return io.NodeOutput(ui={"images": [image], "loss": finite})
+        return io.NodeOutput(ui={"images": [image], "loss": [finite_or_none(v) for v in values]})
 
 
 NODES = [LoadImageSet, ImageSetFromImages, TrainLora, SaveLoRA, LoadLoraModel, LossGraph]

@@ -67,7 +67,7 @@ class TrainLora(io.ComfyNode):
                 io.Model.Input("model", tooltip="The diffusion model to train the LoRA on."),
                 io.Latent.Input("latents", tooltip="Training images, VAE-encoded. Images of different sizes are trained in per-size buckets."),
                 io.Conditioning.Input("positive", tooltip="One conditioning per image (encoded captions), or one for all images."),
-                io.Int.Input("batch_size", default=1, min=1, max=10000, tooltip="Images per step (capped at the size of a bucket)."),
+                io.Int.Input("batch_size", default=1, min=1, max=10000, tooltip="Images per step (capped at the size of a bucket; a bucket's last batch of an epoch can be short)."),
                 io.Int.Input("grad_accumulation_steps", default=1, min=1, max=1024, tooltip="Micro-batches per optimizer step; their gradients are averaged, so k micro-batches of batch_size train like one batch of k * batch_size."),
                 io.Int.Input("steps", default=16, min=1, max=100000, tooltip="Optimizer steps to train."),
                 io.Float.Input("learning_rate", default=0.0005, min=0.0000001, max=1.0, step=0.0000001, tooltip="Learning rate."),

@@ -1,7 +1,9 @@
 """Latents and their conditioning, prepared once on the device, and batch drawing.
 
-Latents of equal shape form a bucket (a batch must share one shape). Each bucket's latents and
-per-item model conditioning are stacked once; a batch is an index into those stacks, so no step
+Items whose latents and conditioning tensors have equal shapes form a bucket (a batch must share
+them): images of another size, or captions that encode to another token count, go to another
+bucket, so nothing is padded and no join can fail. Each bucket's latents and per-item model
+conditioning are stacked once, on the device; a batch is an index into those stacks, so no step
 re-stacks the data. Order is epoch-style: every image is seen once before any repeats.
 """
 from __future__ import annotations
@@ -69,19 +71,63 @@ def _model_conds(model, cross_attn, extras, latent, device) -> dict[str, object]
     return {k: v.process_cond(batch_size=1, device=device, area=None) for k, v in conds.items()}
 
 
-def _stack_conds(per_item: list[dict[str, object]]) -> dict[str, object]:
+def _shape_of(value):
+    """The shape of a conditioning value: a tensor's, or a list's tensors' shapes."""
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    if isinstance(value, (list, tuple)):
+        return tuple(_shape_of(v) for v in value)
+    return None
+
+
+def _stacks_with(first: dict[str, object], item: dict[str, object]) -> bool:
+    """Whether ``item``'s conditioning stacks with ``first``'s as it is: the same names, equal
+    tensor shapes and equal constants. ComfyUI's own join would pad cross-attention to a common
+    length, or refuse (SD3's and Flux's T5 tokens); grouping by shape needs neither."""
+    if item.keys() != first.keys():
+        return False
+    for name, obj in first.items():
+        other = item[name]
+        if type(other) is not type(obj):
+            return False
+        if isinstance(obj, comfy.conds.CONDConstant):
+            if not obj.can_concat(other):
+                return False
+        elif _shape_of(obj.cond) != _shape_of(other.cond):
+            return False
+    return True
+
+
+def _group_by_conditioning(conds: list[dict[str, object]]) -> list[list[int]]:
+    """Positions of ``conds`` in groups that stack (``_stacks_with``), in first-seen order."""
+    groups: list[list[int]] = []
+    for j, item in enumerate(conds):
+        for group in groups:
+            if _stacks_with(conds[group[0]], item):
+                group.append(j)
+                break
+        else:
+            groups.append([j])
+    return groups
+
+
+def _on_device(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, list):
+        return [_on_device(v, device) for v in value]
+    return value
+
+
+def _stack_conds(per_item: list[dict[str, object]], device) -> dict[str, object]:
+    """One group's conditioning stacked along the batch, on the training device (ComfyUI's text
+    encoders leave it on theirs): moved once here rather than at every step."""
     out = {}
-    for name in per_item[0]:
-        objs = [item[name] for item in per_item]
-        first = objs[0]
+    for name, first in per_item[0].items():
         if isinstance(first, comfy.conds.CONDConstant):
             out[name] = first.cond
-            continue
-        if not all(first.can_concat(o) for o in objs[1:]):
-            raise TrainingSetError(
-                f"the positive conditionings cannot be batched together ('{name}' shapes differ too much); "
-                "use shorter captions of similar length or batch_size 1")
-        out[name] = first.concat(objs[1:])
+        else:
+            out[name] = _on_device(first.concat([item[name] for item in per_item[1:]]), device)
     return out
 
 
@@ -108,23 +154,50 @@ class TrainingSet:
             lat = model.process_latent_in(lat).to(dtype)
             conds = [_model_conds(model, pairs[i][0], pairs[i][1], lat[j:j + 1], device)
                      for j, i in enumerate(indices)]
-            self.buckets.append(Bucket(lat, _stack_conds(conds)))
+            for group in _group_by_conditioning(conds):
+                self.buckets.append(Bucket(lat[group], _stack_conds([conds[j] for j in group], device)))
         self.size = len(items)
 
     @property
     def shapes(self) -> list[tuple[int, ...]]:
-        return [tuple(b.latents.shape[1:]) for b in self.buckets]
+        """The distinct latent shapes, in first-seen order (captions can split one size in two)."""
+        return list(dict.fromkeys(tuple(b.latents.shape[1:]) for b in self.buckets))
 
     def draw(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, object]]:
-        """Next batch: a bucket chosen in proportion to its size, then its next shuffled items."""
-        weights = torch.tensor([len(b) for b in self.buckets], dtype=torch.float64)
-        bucket = self.buckets[int(torch.multinomial(weights, 1, generator=generator))] if len(self.buckets) > 1 else self.buckets[0]
+        """Next batch, drawn so that an epoch shows every image once, whatever the buckets.
+
+        A bucket is chosen in proportion to the batches it has left in the epoch, so small buckets
+        are not drawn more or less often than their images' share. A bucket's last batch of the
+        epoch may be short while other buckets still have images; the next epoch starts for every
+        bucket at once, and the batch that ends an epoch is filled from the next one, never with an
+        image twice.
+        """
+        if not any(b.order for b in self.buckets):
+            for b in self.buckets:
+                b.order = torch.randperm(len(b), generator=generator).tolist()
+        if len(self.buckets) > 1:
+            weights = torch.tensor([-(-len(b.order) // min(batch_size, len(b))) for b in self.buckets],
+                                   dtype=torch.float64)
+            bucket = self.buckets[int(torch.multinomial(weights, 1, generator=generator))]
+        else:
+            bucket = self.buckets[0]
         take = min(batch_size, len(bucket))
         if len(bucket.order) < take:
-            fresh = torch.randperm(len(bucket), generator=generator).tolist()
-            pending = set(bucket.order)
-            # A batch that spans two epochs must not hold an image twice: the new epoch's copies of
-            # the images still pending from the last one go to its end.
-            bucket.order += [i for i in fresh if i not in pending] + [i for i in fresh if i in pending]
+            if any(b.order for b in self.buckets if b is not bucket):
+                take = len(bucket.order)  # the others finish this epoch first
+            else:
+                self._next_epoch(bucket, generator)
         index, bucket.order = bucket.order[:take], bucket.order[take:]
         return bucket.select(torch.tensor(index))
+
+    def _next_epoch(self, ending: "Bucket", generator: torch.Generator) -> None:
+        """A fresh order for every bucket; ``ending``'s is appended to what it has left."""
+        for b in self.buckets:
+            fresh = torch.randperm(len(b), generator=generator).tolist()
+            if b is not ending:
+                b.order = fresh
+                continue
+            pending = set(b.order)
+            # The batch that spans two epochs must not hold an image twice: the new epoch's copies
+            # of the images still pending from the last one go to its end.
+            b.order += [i for i in fresh if i not in pending] + [i for i in fresh if i in pending]

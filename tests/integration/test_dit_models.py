@@ -140,3 +140,32 @@ def test_flux_gradients_match_with_every_fix_in_place():
         # at depth 1 the blocks are the pieces: they add to their hidden states; at depth 2 nothing does
         assert copied == ({"double_blocks.0": {"img", "txt"}, "single_blocks.0": {0}} if depth == 1 else {})
         release_patcher(patcher)
+
+
+@pytest.mark.parametrize("arch", ["flux", "sd3"])
+def test_captions_of_different_token_counts_train_at_any_batch_size(arch):
+    """SD3's and Flux's T5 tokens make a caption's conditioning as long as the caption; items of
+    one image size but different lengths train (in separate batches) instead of failing to stack."""
+    patcher = tiny_patcher(arch)
+    latents, positive = tiny_inputs(arch, count=3)
+    for pos, tokens in zip(positive, (16, 16, 20)):
+        pos[0][0] = torch.randn(1, tokens, pos[0][0].shape[-1], generator=torch.Generator().manual_seed(tokens))
+    data = TrainingSet(patcher.model, latents, positive, patcher.load_device)
+    assert sorted(tuple(b.conds["c_crossattn"].shape[:2]) for b in data.buckets) == [(1, 20), (2, 16)]
+    for batch_size in (1, 2):
+        result = train_lora(patcher, latents, positive, LoraTrainingRequest(
+            config=TrainConfig(steps=2, batch_size=batch_size), gradient_checkpointing=False))
+        assert len(result.losses) == 2 and all(math.isfinite(v) for v in result.losses)
+
+
+def test_conditioning_is_stacked_on_the_training_device():
+    """Text encoders leave their output on their own device; the training set moves it once, so a
+    batch's index and its conditioning meet on the training device (here 'meta', standing in for a GPU)."""
+    patcher = tiny_patcher("flux")
+    latents, positive = tiny_inputs("flux", count=2)
+    data = TrainingSet(patcher.model, latents, positive, torch.device("meta"))
+    tensors = {name: value for name, value in data.buckets[0].conds.items() if isinstance(value, torch.Tensor)}
+    assert {"c_crossattn", "guidance"} <= tensors.keys()
+    assert {value.device.type for value in tensors.values()} == {"meta"}
+    _, conds = data.draw(2, torch.Generator().manual_seed(0))
+    assert conds["c_crossattn"].device.type == "meta"

@@ -134,3 +134,22 @@ def test_bf16_run_with_held_weights_trains_as_with_a_cast_per_call(sd15, motif_t
     held_vs_cast = statistics.median(distance(a, b, n) for n in downs)
     bf16_noise = statistics.median(distance(b, c, n) for n in downs)
     assert held_vs_cast <= 1.5 * bf16_noise
+
+
+def test_long_and_short_captions_are_batched_apart_without_padding(sd15, motif_training_inputs):
+    """On SD1.5, ComfyUI's join pads cross-attention to a common multiple of 77 tokens and refuses
+    past 4x (77 with 385 tokens); the training set keeps each token count in its own bucket."""
+    model, _, _ = sd15
+    latents, _ = motif_training_inputs
+    width = model.model.model_config.unet_config["context_dim"]
+    tokens = (77, 385, 77, 154)
+    positive = [[[torch.randn(1, n, width), {}]] for n in tokens]
+    data = TrainingSet(model.model, latents[:4], positive, model.load_device)
+    lengths = sorted((b.conds["c_crossattn"].shape[1], len(b)) for b in data.buckets)
+    assert lengths == [(77, 2), (154, 1), (385, 1)]
+    seen = set()
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        x0, conds = data.draw(2, generator)
+        seen.add((x0.shape[0], conds["c_crossattn"].shape[1]))
+    assert seen == {(2, 77), (1, 154), (1, 385)}

@@ -1,11 +1,12 @@
 """TrainSampler's resumable state on a stand-in model: fp16 runs save and restore their loss scale,
-a state made on other images continues with a fresh order instead of failing, and a batch that
-spans two epochs never holds an image twice."""
+a state made on other images continues with a fresh order instead of failing, a batch that
+spans two epochs never holds an image twice, and an epoch shows every image once across buckets."""
 from __future__ import annotations
 
 import logging
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from loralab.sampler.train_sampler import TrainConfig, TrainSampler
@@ -64,3 +65,36 @@ def test_a_batch_spanning_two_epochs_holds_each_image_once():
         seen_per_epoch += items
     for start in range(0, 300 - 3, 3):  # every three draws of the stream cover the three images
         assert sorted(seen_per_epoch[start:start + 3]) == [0, 1, 2]
+
+
+def _distinct_buckets(*bucket_sizes: int) -> TrainingSet:
+    """Buckets whose latents number the images 0..n-1 across all buckets."""
+    data = TrainingSet.__new__(TrainingSet)
+    data.buckets, start = [], 0
+    for n in bucket_sizes:
+        data.buckets.append(Bucket(torch.arange(start, start + n, dtype=torch.float32).view(n, 1, 1, 1), {}))
+        start += n
+    data.size = start
+    return data
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 4])
+def test_every_epoch_shows_each_image_once_across_buckets(batch_size):
+    """With buckets of 3, 2 and 1 images, each run of six images drawn is the whole set: no image
+    repeats and none is skipped before the epoch ends, whichever bucket a batch comes from."""
+    for seed in range(20):
+        data, generator, stream = _distinct_buckets(3, 2, 1), torch.Generator().manual_seed(seed), []
+        while len(stream) < 60:
+            items = [int(v) for v in data.draw(batch_size, generator)[0].flatten()]
+            assert len(set(items)) == len(items), items
+            stream += items
+        for start in range(0, 60, 6):
+            assert sorted(stream[start:start + 6]) == list(range(6)), (seed, batch_size, stream[:start + 6])
+
+
+def test_images_of_a_bucket_smaller_than_the_batch_are_drawn_as_often_as_the_others():
+    data, generator, counts = _distinct_buckets(8, 2), torch.Generator().manual_seed(0), torch.zeros(10)
+    for _ in range(300):
+        for v in data.draw(4, generator)[0].flatten():
+            counts[int(v)] += 1
+    assert counts.max() - counts.min() <= 1, counts  # whole epochs, plus the one that is under way

@@ -4,11 +4,11 @@ from __future__ import annotations
 import logging
 import os
 
-import comfy.sd
 import comfy.utils
 import folder_paths
 from comfy_api.latest import io, ui
 
+from .adapters.attach import with_lora_patches
 from .adapters.files import load_adapter_file, next_lora_path
 from .adapters.keys import DEFAULT_KEY_STYLE, KEY_STYLES
 from .adapters.registry import ALGORITHM_OPTIONS, ALGORITHMS
@@ -279,10 +279,7 @@ class LoadLoraModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, lora, strength_model):
-        if strength_model == 0:
-            return io.NodeOutput(model)
-        patched, _ = comfy.sd.load_lora_for_models(model, None, dict(lora), strength_model, 0)
-        return io.NodeOutput(patched)
+        return io.NodeOutput(with_lora_patches(model, lora, strength_model))
 
 
 class LossGraph(io.ComfyNode):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+import comfy.sd
 from comfy.patcher_extension import PatcherInjection
 
 from .network import COMFY_PREFIX, AdapterNetwork
@@ -91,3 +92,13 @@ def attach_weight_wrappers(model_patcher, network: AdapterNetwork, strength: flo
             return adapter.merged_weight(weight, strength)
         model_patcher.add_weight_wrapper(f"{COMFY_PREFIX}{name}.weight", wrapper)
     network.offsets.attach(model_patcher, COMFY_PREFIX, strength)
+
+
+def with_lora_patches(model_patcher, lora: dict, strength: float = 1.0):
+    """A clone of ``model_patcher`` carrying ``lora`` (a LORA_MODEL) as ComfyUI's own weight patches,
+    as its LoRA loaders apply a file. Unlike hooks or wrappers, patches travel with every later
+    clone: a second training run builds on them, and ModelSave or model merging see the LoRA."""
+    if strength == 0:
+        return model_patcher
+    patched, _ = comfy.sd.load_lora_for_models(model_patcher, None, dict(lora), strength, 0)
+    return patched

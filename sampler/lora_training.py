@@ -17,7 +17,7 @@ import torch
 
 import comfy.model_management
 
-from ..adapters.attach import attach_bypass, attach_weight_wrappers, bypass_hooks
+from ..adapters.attach import attach_bypass, attach_weight_wrappers, bypass_hooks, with_lora_patches
 from ..adapters.cpu_kernels import onednn_matmul_is_faster
 from ..adapters.keys import kohya_layer_names, to_comfy_keys
 from ..adapters.metadata import LoraStateDict, base_model_name, steps_from_metadata, training_metadata
@@ -308,9 +308,8 @@ def train_lora(model_patcher, latents, positive, request: LoraTrainingRequest,
         network.requires_grad_(False)
 
     total_steps = previous_steps + request.config.steps
-    out_mp = model_patcher.clone()
-    attach(out_mp, network, request.bypass_mode)
     lora = _lora_state(model_patcher, request, network, data, sampler, started, total_steps, dtype)
+    out_mp = with_lora_patches(model_patcher, lora)
     events.finished("finished")
     return LoraTrainingResult(out_mp, lora, losses, total_steps, network, list(previews.saved) if previews else [],
                               checkpointing)

@@ -110,3 +110,53 @@ def test_offloading_computes_the_same_training(sd15, motif_training_inputs, capl
     assert plain.losses == pytest.approx(offloaded.losses, rel=1e-5)
     with pytest.raises(ValueError, match="offloading needs bypass_mode"):
         train_lora(model, latents[:1], positive[:1], _request(1, offloading=True, bypass_mode=False))
+
+
+def _prediction(patcher, latents, positive) -> torch.Tensor:
+    """The loaded patcher's prediction on a fixed noised first image."""
+    comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+    with torch.no_grad():
+        x0, conds = TrainingSet(patcher.model, latents[:1], positive[:1], patcher.load_device).buckets[0].select(
+            torch.tensor([0]))
+        sigma = torch.tensor([2.0])
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+        xt = patcher.model.model_sampling.noise_scaling(sigma, noise, x0, False)
+        return patcher.model.apply_model(xt, sigma, **conds).clone()
+
+
+def test_training_on_a_trained_model_builds_on_its_lora(sd15, motif_training_inputs):
+    """Train LoRA's model output carries the LoRA into what follows it: a second run trains on
+    base + the first LoRA, and its output keeps both (it kept only its own when the output carried
+    hooks that the next attach replaced)."""
+    model, _, _ = sd15
+    latents, positive = motif_training_inputs
+    request = LoraTrainingRequest(config=TrainConfig(steps=2, learning_rate=0.02, seed=3), rank=4)
+    first = train_lora(model, latents, positive, request)
+    base, trained = _prediction(model, latents, positive), _prediction(first.model, latents, positive)
+    moved = (trained - base).abs().max()
+    assert moved > 0.05
+
+    tiny_step = LoraTrainingRequest(config=TrainConfig(steps=1, learning_rate=1e-9, seed=4), rank=4)
+    second = train_lora(first.model, latents, positive, tiny_step)
+    assert (_prediction(second.model, latents, positive) - trained).abs().max() < moved / 20
+    on_base = train_lora(model, latents, positive, tiny_step)
+    assert second.losses != on_base.losses  # the second run saw the first LoRA
+
+
+def test_trained_model_output_bakes_the_lora_into_saved_weights(sd15, motif_training_inputs):
+    """Nodes that read weights (ModelSave, CheckpointSave, model merging) load the model with its
+    patches applied; the trained LoRA must be among them."""
+    model, _, _ = sd15
+    latents, positive = motif_training_inputs
+    result = train_lora(model, latents[:2], positive[:2], LoraTrainingRequest(
+        config=TrainConfig(steps=1, learning_rate=0.02), rank=4, gradient_checkpointing=False))
+    name = next(n for n, _ in model.model.diffusion_model.named_modules() if n.endswith("attn1.to_q"))
+    weight = f"diffusion_model.{name}.weight"
+    base = model.model.state_dict()[weight].clone()
+    comfy.model_management.load_models_gpu([result.model], force_patch_weights=True)
+    try:
+        baked = result.model.model.state_dict()[weight].clone()
+    finally:
+        comfy.model_management.unload_all_models()
+    assert not torch.allclose(baked, base)
+    assert torch.equal(model.model.state_dict()[weight], base)  # unloaded: the base weights are back

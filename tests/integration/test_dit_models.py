@@ -62,9 +62,13 @@ def test_default_training_makes_a_lora_comfyui_loads(arch, caplog):
     assert all(BLOCK_LAYERS[arch].match(n) for n in names), names  # no embedder, in/out or modulation layer
     assert len({re.sub(r"\.\d+\.", ".N.", n) for n in names}) == KINDS[arch]
 
-    trained = _model_output(result.model, latents, positive)
+    hooked = patcher.clone()  # the network as training ran it: forward hooks
+    attach(hooked, result.network, bypass=True)
+    trained = _model_output(hooked, latents, positive)
+    release_patcher(hooked)
     change = (trained - base).abs().max().item()
     assert change > 1e-5
+    torch.testing.assert_close(_model_output(result.model, latents, positive), trained, rtol=0, atol=1e-2 * change)
     for style in ("comfyui", "kohya"):
         tensors = dict(result.lora) if style == "comfyui" else to_key_style(dict(result.lora), "kohya",
                                                                            result.lora.kohya_names)

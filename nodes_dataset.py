@@ -8,6 +8,7 @@ from comfy_api.latest import io
 
 from .dataset import RESIZE_METHODS, folder_fingerprint, load_image_set, load_selected_images, stack_images
 from .dataset.buckets import apply_buckets, tensor_to_pil
+from .node_inputs import first
 
 CATEGORY = "LoRA Lab"
 
@@ -85,10 +86,12 @@ class ImageSetFromImages(io.ComfyNode):
             display_name="Image Set from Images (LoRA Lab)",
             category=CATEGORY,
             description="Makes a captioned image set from images you picked in the graph (e.g. Load Image nodes batched together).",
+            is_input_list=True,
             inputs=[
-                io.Image.Input("images", tooltip="The selected images (a batch)."),
+                io.Image.Input("images", tooltip="The selected images: a batch, or a list of images (which may differ in size)."),
                 io.String.Input("captions", default="", multiline=True,
-                                tooltip="One caption per line, in image order; a single line applies to every image."),
+                                tooltip="One caption per line, in image order; a single line applies to every image. "
+                                        "A list of captions (e.g. Load Image Set's) gives one per image."),
                 *_size_inputs(),
                 io.Boolean.Input("bucketing", default=False, tooltip="Crop each image to its nearest aspect bucket."),
             ],
@@ -97,13 +100,20 @@ class ImageSetFromImages(io.ComfyNode):
 
     @classmethod
     def execute(cls, images, captions, resize_method, width, height, bucketing):
-        lines = [line.strip() for line in captions.splitlines() if line.strip()]
-        count = images.shape[0]
-        if len(lines) > 1 and len(lines) != count:
-            raise ValueError(f"captions has {len(lines)} lines but images has {count} images: "
-                             "give one line per image, or a single line for all")
+        """Takes whole lists (``is_input_list``): otherwise ComfyUI would call it once per list item,
+        pairing each caption of a list with the whole batch, or each image of a list with every line."""
+        pictures = [img for batch in (images if isinstance(images, list) else [images]) for img in batch]
+        captions = captions if isinstance(captions, list) else [captions]
+        if len(captions) > 1:
+            lines, what = [text.strip() for text in captions], "captions"
+        else:
+            lines, what = [line.strip() for line in captions[0].splitlines() if line.strip()], "lines"
+        if len(lines) > 1 and len(lines) != len(pictures):
+            raise ValueError(f"captions has {len(lines)} {what} but images has {len(pictures)} images: "
+                             "give one caption per image, or a single line for all")
         default = lines[0] if len(lines) == 1 else ""
-        image_set = load_selected_images([tensor_to_pil(img) for img in images],
+        resize_method, width, height, bucketing = first(resize_method), first(width), first(height), first(bucketing)
+        image_set = load_selected_images([tensor_to_pil(img) for img in pictures],
                                          "None" if bucketing else resize_method, width, height, default)
         if len(lines) > 1:
             image_set.captions = lines

@@ -22,6 +22,7 @@ from .sampler.lora_training import ExistingAdapter, LoraTrainingRequest, train_l
 from .sampler.objective import LOSS_FUNCTIONS
 from .sampler.run_checkpoints import save_lora
 from .sampler.run_outputs import CheckpointSettings, SampleSettings
+from .node_inputs import first as _first
 from .sampler.optimizers import OPTIMIZERS
 from .sampler.train_sampler import TrainConfig
 from .nodes_dataset import LoadImageSet, ImageSetFromImages
@@ -35,11 +36,6 @@ log = logging.getLogger("loralab")
 ALGORITHM_CHOICES = {"LoRA": "lora", "DoRA": "dora", "LoHa": "loha", "LoKr": "lokr", "OFT": "oft", "BOFT": "boft",
                      "GLoRA": "glora"}
 assert set(ALGORITHM_CHOICES.values()) == set(ALGORITHMS)
-
-
-def _first(value):
-    """Scalar widget values arrive as one-element lists on is_input_list nodes."""
-    return value[0] if isinstance(value, list) else value
 
 
 def _load_existing(name: str) -> ExistingAdapter | None:

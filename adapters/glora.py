@@ -2,7 +2,8 @@
 the input channels applied to the base weight itself, plus an ordinary LoRA.
 
 Layout is what ComfyUI's GLoRA loader reads as the current (not "old") format: ``a1.weight``
-[in, r], ``a2.weight`` [r, in] (for convs they mix input channels, per kernel tap), ``b1.weight``
+[in, r(, 1, 1)], ``a2.weight`` [r, in(, 1, 1)] (for convs they mix input channels, per kernel
+tap, and are stored as 1x1 convs, as LyCORIS stores and expects them), ``b1.weight``
 [out, r(, 1, 1)], ``b2.weight`` [r, in(, k, k)]. That loader takes the *old* format whenever
 rank == out == in, so that shape is refused. ``a2`` and ``b1`` start at
 zero (step 0 is the base model) while ``a1`` and ``b2`` are random, so both get gradients.
@@ -100,6 +101,10 @@ class GLoRAAdapter(Adapter):
         raise RuntimeError("GLoRA's change depends on the base weight; use bypass()")
 
     def to_state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
+        pointwise = (1,) * self.spec.conv_dims  # a1 and a2 of a conv as 1x1 convs
         out = {f"{prefix}.{n}.weight": getattr(self, n).detach().clone().contiguous() for n in NAMES}
+        for name in ("a1", "a2"):
+            out[f"{prefix}.{name}.weight"] = out[f"{prefix}.{name}.weight"].reshape(
+                *getattr(self, name).shape, *pointwise)
         out[f"{prefix}.alpha"] = self.alpha.detach().clone()
         return out

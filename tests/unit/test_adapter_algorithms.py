@@ -411,3 +411,16 @@ def test_a_locon_layer_with_a_tucker_core_is_refused_with_a_message():
              "diffusion_model.0.lora_up.weight": torch.zeros(16, 4, 1, 1)}
     with pytest.raises(ValueError, match="lora_mid"):
         AdapterNetwork.from_state_dict(dict(model.named_modules()), state)
+
+
+@pytest.mark.parametrize("layer_name", ["conv1x1", "conv3x3s2"])
+def test_glora_stores_a_conv_layers_input_maps_as_1x1_convs_and_reads_the_flat_ones(layer_name):
+    """LyCORIS stores a conv's a1/a2 as 1x1 convs and refuses the whole file when they are flat."""
+    layer, adapter = _trained("glora", layer_name)
+    saved = adapter.to_state_dict("x")
+    assert saved["x.a1.weight"].shape == (8, 3, 1, 1) and saved["x.a2.weight"].shape == (3, 8, 1, 1)
+    flat = {k[2:]: v.flatten(1) if k[2:4] == "a1" or k[2:4] == "a2" else v for k, v in saved.items()}
+    for tensors in ({k[2:]: v for k, v in saved.items()}, flat):  # our files from before keep loading
+        loaded = ALGORITHMS["glora"].from_state_dict(LayerSpec.of(layer), tensors)
+        W = layer.weight.detach()
+        torch.testing.assert_close(loaded.merged_weight(W, 1.0), adapter.merged_weight(W, 1.0))

@@ -1,9 +1,11 @@
 """Key styles of adapter files, and mapping any supported style back to model layers.
 
 - ``kohya`` (default, what A1111, Forge, civitai and diffusers read): ``lora_unet_<name>`` with
-  the name's dots as underscores. For UNet families (SD1.x/2.x/SDXL) the name is the *diffusers*
-  module path (``down_blocks_0_attentions_0_proj_in``), exactly as kohya sd-scripts writes it;
-  for DiT families it is the model's own module path.
+  the name's dots as underscores, as kohya sd-scripts writes it. For SD1.x/2.x, which kohya trains
+  as a diffusers UNet, the name is the *diffusers* module path
+  (``down_blocks_0_attentions_0_proj_in``); for SDXL, which kohya trains with the original module
+  layout, and for DiT families it is the model's own module path (``input_blocks_4_1_proj_in``).
+  Files with either naming are read back for any UNet family.
 - ``comfyui``: ``diffusion_model.<module path>`` (ComfyUI's native trainer writes this).
 Suffixes (``.lora_up.weight``, ``.alpha``, ``.hada_w1_a`` ...) are the same in both.
 """
@@ -19,17 +21,27 @@ KEY_STYLES = ("kohya", "comfyui")
 DEFAULT_KEY_STYLE = "kohya"
 
 
+def _named_by_own_path(model) -> bool:
+    """SDXL-family UNets: kohya's SDXL model keeps the original (ldm) module paths."""
+    import comfy.model_base
+    return isinstance(model, (comfy.model_base.SDXL, comfy.model_base.SDXLRefiner))
+
+
+def diffusers_layer_names(model, layer_names) -> dict[str, str]:
+    """{model layer path: ``lora_unet_`` + diffusers path} for the layers of a UNet family that
+    have a diffusers name; empty for other families."""
+    config = getattr(getattr(model, "model_config", None), "unet_config", None) or {}
+    if "num_res_blocks" not in config:
+        return {}
+    by_model_key = {comfy_key: diff_key for diff_key, comfy_key in comfy.utils.unet_to_diffusers(config).items()}
+    return {layer: KOHYA_PREFIX + by_model_key[f"{layer}.weight"][: -len(".weight")].replace(".", "_")
+            for layer in layer_names if f"{layer}.weight" in by_model_key}
+
+
 def kohya_layer_names(model, layer_names) -> dict[str, str]:
     """{model layer path: kohya base name} for the given layers of a ComfyUI BaseModel."""
-    config = getattr(getattr(model, "model_config", None), "unet_config", None) or {}
-    diffusers = comfy.utils.unet_to_diffusers(config) if "num_res_blocks" in config else {}
-    by_model_key = {comfy_key: diff_key for diff_key, comfy_key in diffusers.items()}
-    names = {}
-    for layer in layer_names:
-        diffusers_key = by_model_key.get(f"{layer}.weight")
-        path = diffusers_key[: -len(".weight")] if diffusers_key else layer
-        names[layer] = KOHYA_PREFIX + path.replace(".", "_")
-    return names
+    diffusers = {} if _named_by_own_path(model) else diffusers_layer_names(model, layer_names)
+    return {layer: diffusers.get(layer) or KOHYA_PREFIX + layer.replace(".", "_") for layer in layer_names}
 
 
 def split_comfy_key(key: str, modules) -> tuple[str | None, str]:
@@ -70,7 +82,8 @@ def to_comfy_keys(tensors: dict[str, torch.Tensor], modules: dict[str, torch.nn.
     """Any supported style -> ComfyUI-style keys for this model; also the keys that matched no layer.
 
     Accepts ``diffusion_model.*`` (ours, ComfyUI's native trainer), ``lora_unet_*`` with diffusers
-    names (kohya and tools that follow it) or with the model's own path, and ``lycoris_*``.
+    names or with the model's own path (kohya and tools that follow it), and ``lycoris_*``.
+    ``kohya_names`` maps layer paths to any further names to accept (``diffusers_layer_names``).
     """
     by_kohya = {name: layer for layer, name in kohya_names.items()}
     own_path = {KOHYA_PREFIX + layer.replace(".", "_"): layer for layer in modules if layer}

@@ -4,8 +4,8 @@
   (BaseModel of the architecture, fp32), a few blocks wide and deep, randomly initialised, with
   LATENT and CONDITIONING inputs of the right shapes, so a training run takes a second or two.
 - ``layer_names(arch)``: the module names of a full-size diffusion model ("sd15", "sdxl", "sd3",
-  "flux"), built on the meta device (no memory, no init), for checks of which layers a target
-  preset picks on the real architectures.
+  "flux"), built on the meta device (no memory, no init; ``meta_model`` gives the model), for
+  checks of which layers a target preset picks and how files name them on the real architectures.
 
 ComfyUI's layers skip weight init; ``init_weights`` gives them torch's defaults, N(0, 0.02) for
 what torch has no default for, so the blocks' outputs and gradients are non-zero.
@@ -66,10 +66,14 @@ def _model_config(arch: str, table: dict):
     return model_config
 
 
+def meta_model(arch: str):
+    """ComfyUI's BaseModel of the full-size ``arch``, on the meta device."""
+    return _model_config(arch, FULL_SIZE).get_model({}, "", device=torch.device("meta"))
+
+
 def layer_names(arch: str) -> dict[str, torch.nn.Module]:
     """Every module of the full-size diffusion model of ``arch``, by name (on the meta device)."""
-    model = _model_config(arch, FULL_SIZE).get_model({}, "", device=torch.device("meta"))
-    return dict(model.diffusion_model.named_modules())
+    return dict(meta_model(arch).diffusion_model.named_modules())
 
 
 def init_weights(module: torch.nn.Module, seed: int = 0) -> None:

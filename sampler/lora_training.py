@@ -19,7 +19,7 @@ import comfy.model_management
 
 from ..adapters.attach import attach_bypass, attach_weight_wrappers, bypass_hooks, with_lora_patches
 from ..adapters.cpu_kernels import onednn_matmul_is_faster
-from ..adapters.keys import kohya_layer_names, to_comfy_keys
+from ..adapters.keys import diffusers_layer_names, kohya_layer_names, to_comfy_keys
 from ..adapters.metadata import LoraStateDict, base_model_name, steps_from_metadata, training_metadata
 from ..adapters.network import AdapterNetwork
 from ..adapters.registry import ALGORITHM_OPTIONS
@@ -186,7 +186,7 @@ def load_existing(model, existing: ExistingAdapter, *, dtype, device) -> Adapter
     modules = dict(model.diffusion_model.named_modules())
     # every layer with its own weights: adapters sit on Linear/Conv, norm/bias offsets on norms too
     layers = [n for n, m in modules.items() if next(m.parameters(recurse=False), None) is not None]
-    comfy_keys, unmatched = to_comfy_keys(existing.tensors, modules, kohya_layer_names(model, layers))
+    comfy_keys, unmatched = to_comfy_keys(existing.tensors, modules, diffusers_layer_names(model, layers))
     try:
         network, unfit = AdapterNetwork.from_state_dict(modules, comfy_keys, dtype=dtype, device=device)
     except ValueError as e:

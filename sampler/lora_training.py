@@ -20,7 +20,7 @@ import comfy.model_management
 from ..adapters.attach import attach_bypass, attach_weight_wrappers, bypass_hooks, with_lora_patches
 from ..adapters.cpu_kernels import onednn_matmul_is_faster
 from ..adapters.keys import diffusers_layer_names, kohya_layer_names, to_comfy_keys
-from ..adapters.metadata import LoraStateDict, base_model_name, steps_from_metadata, training_metadata
+from ..adapters.metadata import LoraStateDict, base_family, base_model_name, steps_from_metadata, training_metadata
 from ..adapters.network import AdapterNetwork
 from ..adapters.registry import ALGORITHM_OPTIONS
 from ..adapters.targets import DEFAULT_PRESET, select_targets
@@ -335,7 +335,7 @@ def _lora_state(model_patcher, request: LoraTrainingRequest, network: AdapterNet
         target_layers=target_layers, started_at=started, captions=request.captions,
         algorithm_options=algorithm_options, norm_bias=len(network.offsets) > 0,
         lr_scheduler=request.config.lr_scheduler, lr_warmup_steps=request.config.lr_warmup_steps,
-        max_grad_norm=request.config.max_grad_norm)
+        max_grad_norm=request.config.max_grad_norm, family=base_family(model_patcher))
     lora = LoraStateDict(network.to_state_dict(), metadata)
     lora.kohya_names = kohya_layer_names(model_patcher.model, network.names + [l for (l, _), _ in network.offsets.items()])
     lora.train_state = sampler.capture_state(_fingerprint(request, network))

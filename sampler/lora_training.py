@@ -379,6 +379,11 @@ def _fingerprint(request: LoraTrainingRequest, network: AdapterNetwork) -> dict:
 def _restore(sampler: TrainSampler, existing: ExistingAdapter) -> bool:
     """Restores the file's training state; False (with a warning) when it cannot be used."""
     saved = json.loads(existing.train_state[1].get("fingerprint", "{}"))
+    file_steps, state_step = steps_from_metadata(existing.metadata), int(existing.train_state[1].get("step", -1))
+    if file_steps and state_step != file_steps:
+        log.warning("LoRA Lab: the training state beside '%s' is of step %d but the file of step %d (the file was "
+                    "replaced); continuing from the weights only", existing.name, state_step, file_steps)
+        return False
     if saved.get("optimizer") != sampler.config.optimizer:
         log.warning("LoRA Lab: training state of '%s' was made with optimizer %s, not %s; continuing from the "
                     "weights only", existing.name, saved.get("optimizer"), sampler.config.optimizer)

@@ -75,6 +75,12 @@ def restore(state: tuple[dict[str, torch.Tensor], dict[str, str]], optimizer: to
             by_name.setdefault(name, {})[entry] = value
     for name, entries in scalars.items():
         by_name.setdefault(name, {}).update(entries)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for name, param in zip(names, params):  # a sidecar of another run with the same layer names
+        for entry, value in by_name.get(name, {}).items():
+            if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape != param.shape:
+                raise ValueError(f"its '{entry}' of {name} has shape {tuple(value.shape)}, the parameter "
+                                 f"{tuple(param.shape)}")
     sd = optimizer.state_dict()
     sd["state"] = {i: by_name[n] for i, n in enumerate(names) if n in by_name}
     for group, saved in zip(sd["param_groups"], json.loads(metadata["param_groups"])):

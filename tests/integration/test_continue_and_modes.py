@@ -160,3 +160,24 @@ def test_trained_model_output_bakes_the_lora_into_saved_weights(sd15, motif_trai
         comfy.model_management.unload_all_models()
     assert not torch.allclose(baked, base)
     assert torch.equal(model.model.state_dict()[weight], base)  # unloaded: the base weights are back
+
+
+def test_a_sidecar_left_beside_a_replaced_file_is_not_used(sd15, motif_training_inputs, tmp_path, caplog):
+    """The .trainstate is matched to its file by name; after the file is replaced by another run's
+    (same settings, other steps), the old sidecar's moments, RNG and step must not be applied."""
+    model, _, _ = sd15
+    latents, positive = motif_training_inputs
+    old = _save(train_lora(model, latents, positive, _request(3)), tmp_path, "old")
+    replaced = train_lora(model, latents, positive, _request(2))
+    path = tmp_path / "new.safetensors"
+    save_adapter_file(path, dict(replaced.lora), replaced.lora.metadata)
+    (tmp_path / "new.trainstate").write_bytes(train_state.state_path_for(old).read_bytes())
+    tensors, metadata = load_adapter_file(path)
+    stale = train_state.load(train_state.state_path_for(path))
+    with caplog.at_level("WARNING", logger="loralab"):
+        result = train_lora(model, latents, positive, _request(1, ExistingAdapter(tensors, metadata, stale, path.name)))
+    assert "of step 3 but the file of step 2" in caplog.text
+    assert result.total_steps == 3  # the file's 2 steps and 1 more, not the sidecar's 3
+    fresh = train_lora(model, latents, positive, _request(1, ExistingAdapter(tensors, metadata, None, path.name)))
+    a, b = _weights(result.network), _weights(fresh.network)
+    assert all(torch.equal(a[n], b[n]) for n in a)  # exactly as continuing from the weights alone

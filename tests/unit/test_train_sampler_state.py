@@ -98,3 +98,25 @@ def test_images_of_a_bucket_smaller_than_the_batch_are_drawn_as_often_as_the_oth
         for v in data.draw(4, generator)[0].flatten():
             counts[int(v)] += 1
     assert counts.max() - counts.min() <= 1, counts  # whole epochs, plus the one that is under way
+
+
+def _adamw_sampler(size: int) -> TrainSampler:
+    """A sampler whose one parameter has AdamW moments (one step taken)."""
+    weight = torch.nn.Parameter(torch.zeros(size))
+    patcher = SimpleNamespace(load_device=torch.device("cpu"))
+    sampler = TrainSampler(patcher, [("layer:lora_up", weight)], _training_set(4), TrainConfig(optimizer="AdamW"))
+    weight.grad = torch.ones(size)
+    sampler.optimizer.step()
+    return sampler
+
+
+def test_a_state_of_another_rank_under_the_same_names_is_refused_before_anything_loads():
+    """A sidecar left beside a replaced file: same layer names, other shapes. Loading its moments
+    would make the fused optimizer read out of bounds (a crash of the whole server)."""
+    state = _adamw_sampler(3).capture_state({})
+    other = _adamw_sampler(5)
+    rng = other.generator.get_state()
+    with pytest.raises(ValueError, match="shape"):
+        other.restore_state(state)
+    assert torch.equal(other.generator.get_state(), rng)
+    assert other.optimizer.state_dict()["state"][0]["exp_avg"].shape == (5,)

@@ -46,6 +46,9 @@ def _load_existing(name: str) -> ExistingAdapter | None:
     if path is None:
         raise ValueError(f"existing_lora '{name}' was not found in models/loras or output/loras; refresh the node "
                          "(press R) or pick [None]")
+    if not path.lower().endswith(".safetensors"):
+        raise ValueError(f"existing_lora '{name}' is not a .safetensors file; LoRA Lab continues .safetensors "
+                         "files only: convert it to .safetensors first, or pick [None]")
     tensors, metadata = load_adapter_file(path)
     return ExistingAdapter(tensors, metadata, train_state.load(train_state.state_path_for(path)), name)
 

@@ -13,6 +13,7 @@ import torch
 import comfy.sd
 from comfy.patcher_extension import PatcherInjection
 
+from .keys import text_encoder_part
 from .network import COMFY_PREFIX, AdapterNetwork
 
 BYPASS_KEY = "loralab_bypass"
@@ -100,5 +101,6 @@ def with_lora_patches(model_patcher, lora: dict, strength: float = 1.0):
     clone: a second training run builds on them, and ModelSave or model merging see the LoRA."""
     if strength == 0:
         return model_patcher
-    patched, _ = comfy.sd.load_lora_for_models(model_patcher, None, dict(lora), strength, 0)
+    diffusion = {k: v for k, v in lora.items() if k not in text_encoder_part(lora)}  # a continued file's
+    patched, _ = comfy.sd.load_lora_for_models(model_patcher, None, diffusion, strength, 0)
     return patched

@@ -19,6 +19,15 @@ COMFY_PREFIX = "diffusion_model."
 KOHYA_PREFIX = "lora_unet_"
 KEY_STYLES = ("kohya", "comfyui")
 DEFAULT_KEY_STYLE = "kohya"
+# Text-encoder parts of kohya-style and diffusers files (kohya trains the text encoder by default).
+TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lycoris_te_", "lycoris_te1_",
+                         "lycoris_te2_", "text_encoder.", "text_encoder_2.", "text_encoders.")
+
+
+def text_encoder_part(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of a file that adapt a text encoder: LoRA Lab trains the diffusion model only,
+    so a continued file keeps them as they are."""
+    return {k: v for k, v in tensors.items() if k.startswith(TEXT_ENCODER_PREFIXES)}
 
 
 def _named_by_own_path(model) -> bool:
@@ -66,9 +75,11 @@ def to_key_style(tensors: dict[str, torch.Tensor], style: str, kohya_names: dict
     if not kohya_names:
         raise ValueError("key_style 'kohya' needs the layer names of the trained model; this LoRA came "
                          "without them (e.g. from ComfyUI's native trainer): save it with key_style 'comfyui'")
-    out = {}
+    out = text_encoder_part(tensors)  # already named as their file named them
     by_length = sorted(kohya_names, key=len, reverse=True)
     for key, tensor in tensors.items():
+        if key in out:
+            continue
         rest = key[len(COMFY_PREFIX):] if key.startswith(COMFY_PREFIX) else key
         layer = next((l for l in by_length if rest.startswith(l + ".")), None)
         if layer is None:

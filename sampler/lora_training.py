@@ -19,7 +19,7 @@ import comfy.model_management
 
 from ..adapters.attach import attach_bypass, attach_weight_wrappers, bypass_hooks, with_lora_patches
 from ..adapters.cpu_kernels import onednn_matmul_is_faster
-from ..adapters.keys import diffusers_layer_names, kohya_layer_names, to_comfy_keys
+from ..adapters.keys import diffusers_layer_names, kohya_layer_names, text_encoder_part, to_comfy_keys
 from ..adapters.metadata import LoraStateDict, base_family, base_model_name, steps_from_metadata, training_metadata
 from ..adapters.network import AdapterNetwork
 from ..adapters.registry import ALGORITHM_OPTIONS
@@ -186,7 +186,12 @@ def load_existing(model, existing: ExistingAdapter, *, dtype, device) -> Adapter
     modules = dict(model.diffusion_model.named_modules())
     # every layer with its own weights: adapters sit on Linear/Conv, norm/bias offsets on norms too
     layers = [n for n, m in modules.items() if next(m.parameters(recurse=False), None) is not None]
-    comfy_keys, unmatched = to_comfy_keys(existing.tensors, modules, diffusers_layer_names(model, layers))
+    text_encoder = text_encoder_part(existing.tensors)  # kept as they are (see _lora_state)
+    tensors = {k: v for k, v in existing.tensors.items() if k not in text_encoder}
+    if text_encoder and not tensors:
+        raise ValueError(f"existing_lora '{existing.name}' adapts only the text encoder, and LoRA Lab trains the "
+                         "diffusion model: pick a LoRA with diffusion-model layers, or [None] to start fresh")
+    comfy_keys, unmatched = to_comfy_keys(tensors, modules, diffusers_layer_names(model, layers))
     try:
         network, unfit = AdapterNetwork.from_state_dict(modules, comfy_keys, dtype=dtype, device=device)
     except ValueError as e:
@@ -196,7 +201,7 @@ def load_existing(model, existing: ExistingAdapter, *, dtype, device) -> Adapter
     if len(network) == 0 or unmatched:
         shown = ", ".join(unmatched[:8]) or "(no adapter keys at all)"
         raise ValueError(
-            f"existing_lora '{existing.name}' does not fit this model: {len(unmatched)} of {len(existing.tensors)} "
+            f"existing_lora '{existing.name}' does not fit this model: {len(unmatched)} of {len(tensors)} "
             f"keys matched no layer ({shown}). Pick a LoRA made for this base model, or [None] to start fresh")
     return network
 
@@ -234,6 +239,7 @@ def train_lora(model_patcher, latents, positive, request: LoraTrainingRequest,
             network = _new_network(train_mp.model, request, dtype=lora_dtype, device=device)
         else:
             network = load_existing(train_mp.model, existing, dtype=lora_dtype, device=device)
+            _report_what_the_file_decides(request, network)
         network.requires_grad_(True)
         log.info("LoRA Lab: training %s on %d layers%s, %d parameters", network.algorithm, len(network),
                  f" + {len(network.offsets)} norm/bias offsets" if len(network.offsets) else "",
@@ -336,10 +342,40 @@ def _lora_state(model_patcher, request: LoraTrainingRequest, network: AdapterNet
         algorithm_options=algorithm_options, norm_bias=len(network.offsets) > 0,
         lr_scheduler=request.config.lr_scheduler, lr_warmup_steps=request.config.lr_warmup_steps,
         max_grad_norm=request.config.max_grad_norm, family=base_family(model_patcher))
-    lora = LoraStateDict(network.to_state_dict(), metadata)
+    # a continued file's text-encoder layers are carried into every save unchanged
+    carried = text_encoder_part(request.existing.tensors) if request.existing else {}
+    lora = LoraStateDict({**network.to_state_dict(), **carried}, metadata)
     lora.kohya_names = kohya_layer_names(model_patcher.model, network.names + [l for (l, _), _ in network.offsets.items()])
     lora.train_state = sampler.capture_state(_fingerprint(request, network))
     return lora
+
+
+def _report_what_the_file_decides(request: LoraTrainingRequest, network: AdapterNetwork) -> None:
+    """A continued adapter is the file's: widgets that describe another one are ignored, and the
+    user is told which (a warning in the log), as are text-encoder layers kept unchanged."""
+    existing = request.existing
+    first = network.layers[0]
+    file_alpha = float(getattr(first, "alpha", request.alpha))
+    ignored = []
+    if request.algorithm != network.algorithm:
+        ignored.append(f"algorithm {request.algorithm} (the file's: {network.algorithm})")
+    if request.rank != network.rank:
+        ignored.append(f"rank {request.rank} (the file's: {network.rank})")
+    if (request.alpha or request.rank) != file_alpha:  # alpha 0 means alpha = rank
+        ignored.append(f"alpha {request.alpha:g} (the file's: {file_alpha:g})")
+    if request.train_norm_bias != bool(len(network.offsets)):
+        ignored.append(f"train_norm_bias {request.train_norm_bias}")
+    file_targets = existing.metadata.get("loralab_target_layers")
+    if (file_targets and request.target_layers != file_targets) or request.include_pattern or request.exclude_pattern:
+        ignored.append(f"target_layers {request.target_layers}" + (" and the patterns" if request.include_pattern
+                                                                   or request.exclude_pattern else ""))
+    if ignored:
+        log.warning("LoRA Lab: existing_lora '%s' decides the adapter, so these inputs are ignored: %s. Pick [None] "
+                    "as existing_lora to train a new adapter with them", existing.name, "; ".join(ignored))
+    kept = text_encoder_part(existing.tensors)
+    if kept:
+        log.info("LoRA Lab: keeping the %d text-encoder tensors of '%s' unchanged (LoRA Lab trains the diffusion "
+                 "model only)", len(kept), existing.name)
 
 
 def _trained_layout(request: LoraTrainingRequest, network: AdapterNetwork) -> tuple[str, dict]:

@@ -135,3 +135,65 @@ def test_continue_from_a_file_of_comfyuis_native_trainer(sd15, motif_training_in
     lora_layers = {k.rsplit(".lora_up.weight", 1)[0] for k in native if k.endswith(".lora_up.weight")}
     assert len(cont.network) == len(lora_layers)
     assert len(cont.network.offsets) == sum(k.endswith((".diff", ".diff_b")) for k in native)
+
+
+def _text_encoder_lora(clip, rank=2) -> dict[str, torch.Tensor]:
+    """kohya-style LoRA tensors for the first text-encoder layer's q_proj of ``clip``."""
+    key = next(k for k in clip.cond_stage_model.state_dict() if k.endswith("layers.0.self_attn.q_proj.weight"))
+    out_features, in_features = clip.cond_stage_model.state_dict()[key].shape
+    g = torch.Generator().manual_seed(9)
+    base = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    return {f"{base}.lora_down.weight": torch.randn(rank, in_features, generator=g),
+            f"{base}.lora_up.weight": torch.randn(out_features, rank, generator=g), f"{base}.alpha": torch.tensor(2.0)}
+
+
+def test_a_kohya_file_with_text_encoder_layers_continues_and_keeps_them(sd15, motif_training_inputs, tmp_path,
+                                                                        caplog):
+    """kohya trains the text encoder by default; continuing such a file trains its diffusion-model
+    layers and carries the text-encoder layers, unchanged, into the saved file."""
+    model, clip, _ = sd15
+    latents, positive = motif_training_inputs
+    first = _train(model, latents, positive)
+    text_encoder = _text_encoder_lora(clip)
+    kohya = {**to_key_style(dict(first.lora), "kohya", first.lora.kohya_names), **text_encoder}
+    with caplog.at_level("INFO", logger="loralab"):
+        again = _train(model, latents, positive, existing=ExistingAdapter(kohya, first.lora.metadata, None, "k"))
+    assert "keeping the 3 text-encoder tensors" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        saved = to_key_style(dict(again.lora), "kohya", again.lora.kohya_names)
+        assert all(torch.equal(saved[k], v) for k, v in text_encoder.items())
+        assert any(not torch.equal(saved[k], kohya[k]) for k in kohya if k.startswith("lora_unet_"))  # trained on
+        path = tmp_path / "with_te.safetensors"
+        save_adapter_file(path, saved, again.lora.metadata)
+        patched_model, patched_clip = comfy.sd.load_lora_for_models(model, clip, comfy.utils.load_torch_file(str(path)),
+                                                                    1.0, 1.0)
+    assert "lora key not loaded" not in caplog.text  # every key, the text encoder's too, maps in ComfyUI
+    assert len(patched_clip.patcher.patches) == 1
+
+
+def test_continuing_reports_the_inputs_the_file_overrides(sd15, motif_training_inputs, caplog):
+    model, _, _ = sd15
+    latents, positive = motif_training_inputs
+    first = _train(model, latents, positive)  # LoRA, rank 4, alpha 4
+    with caplog.at_level("WARNING", logger="loralab"):
+        _train(model, latents, positive, existing=ExistingAdapter(dict(first.lora), first.lora.metadata, None, "f"))
+    assert "are ignored" not in caplog.text  # the same settings: nothing to report
+    request = LoraTrainingRequest(config=TrainConfig(steps=1, learning_rate=0.01), algorithm="loha", rank=16,
+                                  alpha=4.0, training_dtype="fp32", gradient_checkpointing=False,
+                                  existing=ExistingAdapter(dict(first.lora), first.lora.metadata, None, "f"))
+    with caplog.at_level("WARNING", logger="loralab"):
+        again = train_lora(model, latents[:2], positive[:2], request)
+    assert again.network.algorithm == "lora" and again.network.rank == 4
+    assert "algorithm loha (the file's: lora)" in caplog.text and "rank 16 (the file's: 4)" in caplog.text
+
+
+def test_a_non_safetensors_existing_lora_is_refused_by_name(tmp_path, monkeypatch):
+    """ComfyUI lists .pt/.ckpt LoRAs too, so they can be picked as existing_lora."""
+    import folder_paths
+    from loralab.nodes_train import _load_existing
+    torch.save({"lora_unet_x.lora_down.weight": torch.zeros(1)}, tmp_path / "old.pt")
+    paths, extensions = folder_paths.folder_names_and_paths["loras"]
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([*paths, str(tmp_path)], extensions))
+    with pytest.raises(ValueError, match="existing_lora 'old.pt' is not a .safetensors file"):
+        _load_existing("old.pt")

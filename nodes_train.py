@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import comfy.utils
 import folder_paths
 from comfy_api.latest import io, ui
 
 from .adapters.attach import with_lora_patches
-from .adapters.files import load_adapter_file, next_lora_path
+from .adapters.files import check_name_fits, load_adapter_file, next_lora_path
 from .adapters.keys import DEFAULT_KEY_STYLE, KEY_STYLES
 from .adapters.registry import ALGORITHM_OPTIONS, ALGORITHMS
 from .adapters.targets import DEFAULT_PRESET, PRESETS
@@ -49,8 +50,19 @@ def _load_existing(name: str) -> ExistingAdapter | None:
     if not path.lower().endswith(".safetensors"):
         raise ValueError(f"existing_lora '{name}' is not a .safetensors file; LoRA Lab continues .safetensors "
                          "files only: convert it to .safetensors first, or pick [None]")
-    tensors, metadata = load_adapter_file(path)
-    return ExistingAdapter(tensors, metadata, train_state.load(train_state.state_path_for(path)), name)
+    try:
+        tensors, metadata = load_adapter_file(path)
+    except Exception as e:  # safetensors raises its own error type for a damaged header
+        raise ValueError(f"existing_lora '{name}' cannot be read ({e}): the file is damaged or incomplete; "
+                         "pick another file, or [None]") from e
+    state_path = train_state.state_path_for(path)
+    try:
+        state = train_state.load(state_path)
+    except Exception as e:
+        log.warning("LoRA Lab: the training state '%s' cannot be read (%s); continuing '%s' from its weights only",
+                    state_path.name, e, name)
+        state = None
+    return ExistingAdapter(tensors, metadata, state, name)
 
 
 class TrainLora(io.ComfyNode):
@@ -305,6 +317,7 @@ class LossGraph(io.ComfyNode):
         output_dir = folder_paths.get_output_directory()
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, output_dir)
         filename = f"{name}_{counter:05}_.png"
+        check_name_fits(Path(folder), filename, "filename_prefix")
         render_loss_plot(values, os.path.join(folder, filename))
         image = ui.SavedResult(filename, subfolder, io.FolderType.output)
         # "images" shows the PNG as the node's preview; "loss" lets API clients read the values. A

@@ -18,6 +18,29 @@ def _umask() -> int:
     return mask
 
 
+TEMP_PREFIX = ".loralab_"
+
+
+def name_max(folder: Path) -> int:
+    """The longest file name, in bytes, the file system of ``folder`` (or its nearest existing
+    parent) takes; 255 where it does not say."""
+    for candidate in (folder, *folder.parents):
+        if candidate.is_dir():
+            try:
+                return os.pathconf(candidate, "PC_NAME_MAX")
+            except (OSError, ValueError, AttributeError):
+                return 255
+    return 255
+
+
+def check_name_fits(folder: Path, name: str, what: str) -> None:
+    """Raises ValueError naming ``what`` (the input that made ``name``) when the name is too long."""
+    size, limit = len(name.encode("utf-8")), name_max(folder)
+    if size > limit:
+        raise ValueError(f"{what} makes the file name {size} bytes long, and this file system takes {limit}: "
+                         f"use a shorter {what}")
+
+
 @contextlib.contextmanager
 def atomic_file(path: Path, overwrite: bool = True):
     """Yields a temp path beside ``path`` to write the whole file to; on success it becomes
@@ -29,7 +52,9 @@ def atomic_file(path: Path, overwrite: bool = True):
     link is an atomic create-if-absent; where the file system has none, check, then rename.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # A short temp name: one built from ``path.name`` could pass the file system's name limit
+    # where ``path`` itself does not.
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield tmp
@@ -84,7 +109,13 @@ def next_lora_path(output_dir: str | os.PathLike, prefix: str, steps: int | None
         raise ValueError(f"prefix '{prefix}' points outside the output directory; use a relative name "
                          "such as 'loras/my_lora'")
     folder, base = target.parent, target.name
+    blocking = next((p for p in (folder, *folder.parents) if p != output_dir and output_dir in p.parents
+                     and p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"prefix '{prefix}' needs the folder '{blocking.name}', but a file has that name; "
+                         "use another folder in the prefix")
     stem = f"{base}_{steps}_steps" if steps is not None else base
+    check_name_fits(folder, f"{stem}_99999_.safetensors", "prefix")
     pattern = re.compile(re.escape(stem) + r"_(\d{5})_\.safetensors$")
     counters = [int(m.group(1)) for p in (folder.iterdir() if folder.is_dir() else []) if (m := pattern.match(p.name))]
     counter = max(counters, default=0) + 1

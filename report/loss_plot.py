@@ -100,7 +100,9 @@ def render_loss_plot(
     fig = build_loss_figure(losses, title, start_step)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Own temp name rather than mkstemp: mkstemp files are 0600, this keeps the user's umask.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    # Short, fixed-length: a temp name built from path.name could pass the file system's limit
+    # where path's own name does not.
+    tmp = path.with_name(f".loralab_{os.getpid()}_{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "xb") as f:
             fig.savefig(f, format="png", dpi=DPI)

@@ -12,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from ..adapters.files import next_lora_path, save_adapter_file
+from ..adapters.files import check_name_fits, next_lora_path, save_adapter_file
 from ..adapters.keys import to_key_style
 from ..adapters.metadata import metadata_of
 from . import train_state
@@ -42,7 +42,11 @@ def save_lora(path: str | os.PathLike, lora, key_style: str, steps: int | None =
         train_state.save(state_path, *state)
     else:
         state_path.unlink(missing_ok=True)
-    return save_adapter_file(path, tensors, metadata)
+    try:
+        return save_adapter_file(path, tensors, metadata)
+    except BaseException:
+        state_path.unlink(missing_ok=True)  # no sidecar without its adapter file
+        raise
 
 
 def checkpoint_location(output_dir: str | os.PathLike, prefix: str) -> tuple[Path, str]:
@@ -53,6 +57,8 @@ def checkpoint_location(output_dir: str | os.PathLike, prefix: str) -> tuple[Pat
     except ValueError as e:
         raise ValueError(f"checkpoint_prefix: {e}") from None
     stem = probe.name[: -len("_00001_.safetensors")]  # next_lora_path appends _<counter>_.safetensors
+    # the longest name a run writes, checked now rather than at the first checkpoint after training
+    check_name_fits(probe.parent, checkpoint_filename(stem, 99999, interrupted=True), "checkpoint_prefix")
     return probe.parent, stem
 
 

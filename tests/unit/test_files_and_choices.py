@@ -86,3 +86,57 @@ def test_saved_files_get_the_mode_of_a_new_file_under_the_umask_not_0600(tmp_pat
     assert oct(lora.stat().st_mode & 0o777) == oct(0o644)
     assert oct((tmp_path / "b.png").stat().st_mode & 0o777) == oct(0o644)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.png"]  # no temp files left
+
+
+class _Lora(dict):
+    """A LORA_MODEL value with a resumable state, as Train LoRA returns it."""
+    metadata: dict = {}
+    kohya_names = None
+    train_state = ({"rng": torch.zeros(4, dtype=torch.uint8)}, {"fingerprint": "{}", "step": "1"})
+
+
+@pytest.mark.parametrize("prefix", ["loras/" + "m" * 300, "loras/" + "\u5b66" * 80],  # 300 bytes; 240 + suffix
+                         ids=["ascii", "cjk"])
+def test_a_prefix_that_makes_too_long_a_file_name_is_refused_by_name(tmp_path, prefix):
+    with pytest.raises(ValueError, match="use a shorter prefix"):
+        next_lora_path(tmp_path, prefix, 1)
+
+
+def test_the_longest_name_the_file_system_takes_saves_with_its_sidecar(tmp_path):
+    from loralab.sampler import train_state
+    from loralab.sampler.run_checkpoints import save_lora
+    path = next_lora_path(tmp_path, "l" * 215, 1)  # 242 bytes: the temp file beside it must be shorter
+    save_lora(path, _Lora({"diffusion_model.x.lora_up.weight": torch.zeros(2, 2)}), "comfyui", 1)
+    assert path.is_file() and train_state.state_path_for(path).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, train_state.state_path_for(path).name])
+
+
+def test_a_failed_adapter_write_leaves_no_sidecar(tmp_path, monkeypatch):
+    from loralab.sampler import run_checkpoints, train_state
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(run_checkpoints, "save_adapter_file", fail)
+    path = tmp_path / "a.safetensors"
+    with pytest.raises(OSError, match="disk full"):
+        run_checkpoints.save_lora(path, _Lora({"diffusion_model.x.lora_up.weight": torch.zeros(2, 2)}), "comfyui", 1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_prefix_too_long_for_its_interrupted_name_fails_before_training(tmp_path):
+    from loralab.sampler.run_checkpoints import checkpoint_location
+    checkpoint_location(tmp_path, "c" * 200)  # fits every name a run writes
+    with pytest.raises(ValueError, match="use a shorter checkpoint_prefix"):
+        checkpoint_location(tmp_path, "c" * 225)  # its _step99999_interrupted name would not
+
+
+def test_a_prefix_through_an_existing_file_is_refused_by_name(tmp_path):
+    (tmp_path / "loras").write_text("a file, not a folder")
+    with pytest.raises(ValueError, match="prefix 'loras/my' needs the folder 'loras'"):
+        next_lora_path(tmp_path, "loras/my", 1)
+
+
+def test_the_loss_plot_saves_under_the_longest_name(tmp_path):
+    from loralab.report.loss_plot import render_loss_plot
+    path = render_loss_plot([1.0, 0.5], tmp_path / ("p" * 230 + "_00001_.png"))
+    assert path.is_file() and list(tmp_path.iterdir()) == [path]

@@ -42,7 +42,8 @@ class BOFTAdapter(Adapter):
         want = block_size if block_size > 0 else rank
         evens = [d for d in range(2, min(want, out) + 1, 2) if out % d == 0]
         if not evens:
-            raise ValueError(f"BOFT needs an even block size <= {want} dividing {out} output channels")
+            raise ValueError(f"BOFT needs an even block size <= {want} dividing {out} output channels: set rank "
+                             "(BOFT's block size) to an even number, 2 or more")
         size = evens[-1]
         blocks = out // size
         most = 1 + ((blocks & -blocks).bit_length() - 1)  # 1 + trailing zero bits

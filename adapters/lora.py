@@ -174,7 +174,8 @@ class LoRAAdapter(Adapter):
 
     def init_magnitude(self, base_weight: torch.Tensor) -> None:
         """m = ||W||_col + eps, computed exactly as the forward computes it, so step 0 is a no-op."""
-        norm = torch.linalg.vector_norm(base_weight, dim=self._norm_dims(), keepdim=True, dtype=torch.float32)
+        # .float() first: fp8-stored weights cannot be promoted inside the norm
+        norm = torch.linalg.vector_norm(base_weight.float(), dim=self._norm_dims(), keepdim=True)
         with torch.no_grad():
             self.dora_scale.copy_((norm + EPS).to(self.dora_scale))
         self._magnitude_ready = True

@@ -65,7 +65,8 @@ class OFTAdapter(Adapter):
             size = factorization(out, block_size if block_size > 0 else rank)[0]
         if size < 2:
             raise ValueError(f"OFT found no block size > 1 for {out} output channels (rank {rank}, "
-                             f"block_size {block_size}); 1x1 blocks cannot rotate anything")
+                             f"block_size {block_size}); 1x1 blocks cannot rotate anything: set rank (OFT's "
+                             "block size) to 2 or more")
         self.oft_blocks = torch.nn.Parameter(torch.zeros(out // size, size, size, device=device, dtype=dtype))
         # ``alpha`` (the create() argument) is unused: in OFT files alpha *is* the constraint
         self.set_alpha(float(constraint))

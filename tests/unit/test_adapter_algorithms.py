@@ -424,3 +424,14 @@ def test_glora_stores_a_conv_layers_input_maps_as_1x1_convs_and_reads_the_flat_o
         loaded = ALGORITHMS["glora"].from_state_dict(LayerSpec.of(layer), tensors)
         W = layer.weight.detach()
         torch.testing.assert_close(loaded.merged_weight(W, 1.0), adapter.merged_weight(W, 1.0))
+
+
+@pytest.mark.parametrize("layer_name", ["linear", "conv3x3s2"])
+def test_dora_takes_its_magnitude_from_an_fp8_stored_weight(layer_name):
+    """Bases stored in fp8 (ComfyUI's fp8 weight dtypes) train in bypass mode; DoRA's magnitude is
+    the base weight's column norm, taken in fp32 from the fp8 values."""
+    layer, adapter = _make("dora", layer_name)
+    stored = layer.weight.detach().to(torch.float8_e4m3fn)
+    adapter.init_magnitude(stored)
+    norm = torch.linalg.vector_norm(stored.float(), dim=adapter._norm_dims(), keepdim=True)
+    torch.testing.assert_close(adapter.dora_scale.detach(), (norm + EPS).to(adapter.dora_scale))

@@ -191,6 +191,11 @@ def load_existing(model, existing: ExistingAdapter, *, dtype, device) -> Adapter
     if text_encoder and not tensors:
         raise ValueError(f"existing_lora '{existing.name}' adapts only the text encoder, and LoRA Lab trains the "
                          "diffusion model: pick a LoRA with diffusion-model layers, or [None] to start fresh")
+    broken = sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v.float()).all()))
+    if broken:
+        raise ValueError(f"existing_lora '{existing.name}' holds NaN or infinite values in {len(broken)} tensors "
+                         f"({', '.join(broken[:3])}): it comes from a run that diverged. Pick an earlier checkpoint "
+                         "of that run, or [None] to start fresh")
     comfy_keys, unmatched = to_comfy_keys(tensors, modules, diffusers_layer_names(model, layers))
     try:
         network, unfit = AdapterNetwork.from_state_dict(modules, comfy_keys, dtype=dtype, device=device)

@@ -54,6 +54,10 @@ class StepReport:
     completed: int = 0  # optimizer steps done in total, including those of a restored state
 
 
+class TrainingDiverged(ValueError):
+    """The adapter's weights became NaN or infinite: a run to stop before anything is saved."""
+
+
 class TrainSampler:
     """Runs ``config.steps`` optimizer steps of the adapter parameters on a loaded model patcher."""
 
@@ -173,6 +177,13 @@ class TrainSampler:
             bucket.order = order
         self.optimizer.zero_grad(set_to_none=True)
 
+    def _weights_not_finite(self) -> bool:
+        """After every step, before it is reported (and checkpointed): a step's loss comes from the
+        weights before its update, so only the weights show that the update overflowed. A skipped
+        fp16 step leaves them finite. One fused norm over all parameters, one host sync."""
+        norms = torch._foreach_norm([p.detach() for p in self.parameters])
+        return not bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
+
     def run(self) -> list[float]:
         """All steps; returns the loss of each step. Raises ComfyUI's interrupt exception if stopped.
 
@@ -194,6 +205,11 @@ class TrainSampler:
                     raise
                 self.completed_steps += 1
                 losses.append(loss)
+                if self._weights_not_finite():
+                    raise TrainingDiverged(
+                        f"training diverged at step {self.completed_steps}: the loss is {loss:g} and the adapter "
+                        f"weights are no longer finite, so nothing was saved. Lower learning_rate (now "
+                        f"{self.config.learning_rate:g}) or alpha, or set max_grad_norm")
                 if self.on_step:
                     self.on_step(StepReport(i + 1, self.config.steps, loss, time.perf_counter() - start,
                                             lr=float(self.optimizer.param_groups[0]["lr"]),

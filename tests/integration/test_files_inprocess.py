@@ -197,3 +197,36 @@ def test_a_non_safetensors_existing_lora_is_refused_by_name(tmp_path, monkeypatc
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([*paths, str(tmp_path)], extensions))
     with pytest.raises(ValueError, match="existing_lora 'old.pt' is not a .safetensors file"):
         _load_existing("old.pt")
+
+
+def test_damaged_existing_files_fail_or_fall_back_clearly(sd15, motif_training_inputs, tmp_path, monkeypatch, caplog):
+    """A damaged LoRA file is an error naming existing_lora; a damaged .trainstate beside a good file
+    only loses the exact resume (a warning), as a missing one does."""
+    import folder_paths
+    from loralab.nodes_train import _load_existing
+    from loralab.sampler import train_state
+    model, _, _ = sd15
+    latents, positive = motif_training_inputs
+    paths, extensions = folder_paths.folder_names_and_paths["loras"]
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([*paths, str(tmp_path)], extensions))
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="existing_lora 'empty.safetensors' cannot be read"):
+        _load_existing("empty.safetensors")
+
+    good = _train(model, latents, positive)
+    save_adapter_file(tmp_path / "good.safetensors", dict(good.lora), good.lora.metadata)
+    train_state.state_path_for(tmp_path / "good.safetensors").write_bytes(b"\x00" * 16)
+    with caplog.at_level("WARNING", logger="loralab"):
+        existing = _load_existing("good.safetensors")
+    assert existing.train_state is None and "good.trainstate' cannot be read" in caplog.text
+    assert _train(model, latents, positive, existing=existing).total_steps == 2
+
+
+def test_a_diverged_existing_lora_is_refused(sd15, motif_training_inputs):
+    model, _, _ = sd15
+    latents, positive = motif_training_inputs
+    tensors = dict(_train(model, latents, positive).lora)
+    key = next(k for k in tensors if k.endswith("lora_up.weight"))
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+    with pytest.raises(ValueError, match="holds NaN or infinite values in 1 tensors"):
+        _train(model, latents, positive, existing=ExistingAdapter(tensors, {}, None, "nan"))

@@ -63,3 +63,20 @@ def test_one_positive_is_repeated_and_a_count_mismatch_names_both(sd15, motif_tr
     assert crossattn.shape[0] == 8 and torch.equal(crossattn[0], crossattn[7])
     with pytest.raises(ValueError, match="positive has 3 conditionings but latents has 8 images"):
         _eval_set(model, latents, positive[:3])
+
+
+def test_a_diverging_run_stops_with_an_error_naming_the_learning_rate(sd15, motif_training_inputs, tmp_path):
+    """A learning rate far too high makes the weights NaN: the run stops there, saving nothing
+    (no checkpoint of NaN weights either), instead of returning a LoRA that samples black."""
+    from loralab.sampler.run_outputs import CheckpointSettings
+    from loralab.sampler.train_sampler import TrainingDiverged
+    model, _, _ = sd15
+    latents, positive = motif_training_inputs
+    request = LoraTrainingRequest(config=TrainConfig(steps=6, learning_rate=1.0, optimizer="SGD"), rank=1,
+                                  alpha=1024.0, training_dtype="fp32", gradient_checkpointing=False,
+                                  checkpoints=CheckpointSettings(output_dir=str(tmp_path), prefix="c", every=1))
+    with pytest.raises(TrainingDiverged, match=r"diverged at step \d: .*Lower learning_rate \(now 1\)"):
+        train_lora(model, latents[:2], positive[:2], request)
+    saved = sorted(tmp_path.glob("*.safetensors"))
+    from loralab.adapters.files import load_adapter_file
+    assert all(torch.isfinite(t).all() for p in saved for t in load_adapter_file(p)[0].values())

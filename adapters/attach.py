@@ -101,6 +101,7 @@ def with_lora_patches(model_patcher, lora: dict, strength: float = 1.0):
     clone: a second training run builds on them, and ModelSave or model merging see the LoRA."""
     if strength == 0:
         return model_patcher
-    diffusion = {k: v for k, v in lora.items() if k not in text_encoder_part(lora)}  # a continued file's
+    text_encoder = text_encoder_part(lora)  # a continued file's, carried for saving only
+    diffusion = {k: v for k, v in lora.items() if k not in text_encoder}
     patched, _ = comfy.sd.load_lora_for_models(model_patcher, None, diffusion, strength, 0)
     return patched

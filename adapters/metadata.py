@@ -15,7 +15,6 @@ import torch
 NETWORK_MODULES = {"lora": "networks.lora"}  # everything else is a LyCORIS algorithm
 
 
-
 @dataclass(frozen=True)
 class BaseFamily:
     """How kohya-aware tools name a base model: A1111 and Forge pick the model version a LoRA is

@@ -208,8 +208,8 @@ class TrainSampler:
                 if self._weights_not_finite():
                     raise TrainingDiverged(
                         f"training diverged at step {self.completed_steps}: the loss is {loss:g} and the adapter "
-                        f"weights are no longer finite, so nothing was saved. Lower learning_rate (now "
-                        f"{self.config.learning_rate:g}) or alpha, or set max_grad_norm")
+                        "weights are no longer finite, so the run stops without saving them. Lower "
+                        f"learning_rate (now {self.config.learning_rate:g}) or alpha, or set max_grad_norm")
                 if self.on_step:
                     self.on_step(StepReport(i + 1, self.config.steps, loss, time.perf_counter() - start,
                                             lr=float(self.optimizer.param_groups[0]["lr"]),

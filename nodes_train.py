@@ -89,7 +89,7 @@ class TrainLora(io.ComfyNode):
                 io.Combo.Input("training_dtype", options=list(DTYPE_CHOICES), default="auto",
                                tooltip="Compute dtype. auto picks bf16 only where the device runs it fast (fp32 on CPUs without bf16 instructions)."),
                 io.Combo.Input("lora_dtype", options=["auto", "fp32", "bf16", "fp16"], default="auto",
-                               tooltip="Adapter weight dtype. auto keeps fp32 master weights."),
+                               tooltip="The dtype the LoRA is saved and returned in (fp16/bf16 halve the file). It always trains on fp32 master weights; auto saves fp32."),
                 io.Combo.Input("algorithm", options=list(ALGORITHM_CHOICES), default="LoRA",
                                tooltip="LoRA, DoRA (LoRA with weight decomposition), LoHa, LoKr, OFT, BOFT or GLoRA."),
                 io.Boolean.Input("gradient_checkpointing", default=True, tooltip="Recompute activations in the backward pass to save memory."),

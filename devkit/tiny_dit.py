@@ -97,12 +97,27 @@ def init_weights(module: torch.nn.Module, seed: int = 0) -> None:
                 b.normal_(0, 0.02)
 
 
-def tiny_patcher(arch: str, seed: int = 0):
-    """A ModelPatcher of a tiny randomly initialised ``arch`` ("flux" or "sd3") on ComfyUI's device."""
+def tiny_patcher(arch: str, seed: int = 0, weight_dtype: torch.dtype = torch.float32,
+                 manual_cast: torch.dtype | None = None):
+    """A ModelPatcher of a tiny randomly initialised ``arch`` ("flux" or "sd3") on ComfyUI's device.
+
+    ``weight_dtype`` stores its Linear and Conv weights in another dtype, and ``manual_cast`` makes
+    it compute in another, as ComfyUI loads a UNet with a weight_dtype (e.g. bf16 weights computed
+    in fp32 on a CPU)."""
     import comfy.model_management as mm
     import comfy.model_patcher
-    model = _model_config(arch, TINY).get_model({}, "", device=torch.device("cpu"))
+    model_config = _model_config(arch, TINY)
+    model_config.set_inference_dtype(weight_dtype, manual_cast)
+    model = model_config.get_model({}, "", device=torch.device("cpu"))
+    model.diffusion_model.float()
     init_weights(model.diffusion_model, seed)
+    if weight_dtype != torch.float32:
+        with torch.no_grad():
+            for module in model.diffusion_model.modules():
+                if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                    module.weight.data = module.weight.data.to(weight_dtype)
+                    if module.bias is not None:
+                        module.bias.data = module.bias.data.to(weight_dtype)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
 

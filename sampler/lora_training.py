@@ -230,20 +230,24 @@ def train_lora(model_patcher, latents, positive, request: LoraTrainingRequest,
     previews = RunPreviews(request.samples, _output_directory()) if request.samples is not None else None
     device = model_patcher.load_device
     dtype, reason = resolve_training_dtype(request.training_dtype, device)
-    lora_dtype = resolve_lora_dtype(request.lora_dtype, dtype)
-    log.info("LoRA Lab: training in %s (%s); adapter weights in %s", str(dtype).replace("torch.", ""), reason,
-             str(lora_dtype).replace("torch.", ""))
+    saved_dtype = resolve_lora_dtype(request.lora_dtype, dtype)
+    log.info("LoRA Lab: training in %s (%s); adapter master weights in float32, saved in %s",
+             str(dtype).replace("torch.", ""), reason, str(saved_dtype).replace("torch.", ""))
 
     train_mp = model_patcher.clone()
     use_fused_attention(train_mp)
-    if dtype != train_mp.model_dtype():
+    # What the model computes in: the manual-cast dtype where ComfyUI set one (weights stored in
+    # one dtype, computed in another), else the storage dtype.
+    if dtype != (train_mp.model.manual_cast_dtype or train_mp.model_dtype()):
         train_mp.set_model_compute_dtype(dtype)
     existing = request.existing
     with torch.inference_mode(False):
         if existing is None:
-            network = _new_network(train_mp.model, request, dtype=lora_dtype, device=device)
+            # fp32 master weights whatever lora_dtype says: optimizer state in 16 bits underflows
+            # (Adam's squared gradients in fp16) or rounds small updates away (bf16)
+            network = _new_network(train_mp.model, request, dtype=torch.float32, device=device)
         else:
-            network = load_existing(train_mp.model, existing, dtype=lora_dtype, device=device)
+            network = load_existing(train_mp.model, existing, dtype=torch.float32, device=device)
             _report_what_the_file_decides(request, network)
         network.requires_grad_(True)
         log.info("LoRA Lab: training %s on %d layers%s, %d parameters", network.algorithm, len(network),
@@ -349,7 +353,8 @@ def _lora_state(model_patcher, request: LoraTrainingRequest, network: AdapterNet
         max_grad_norm=request.config.max_grad_norm, family=base_family(model_patcher))
     # a continued file's text-encoder layers are carried into every save unchanged
     carried = text_encoder_part(request.existing.tensors) if request.existing else {}
-    lora = LoraStateDict({**network.to_state_dict(), **carried}, metadata)
+    saved = network.to_state_dict(dtype=resolve_lora_dtype(request.lora_dtype, dtype))
+    lora = LoraStateDict({**saved, **carried}, metadata)
     lora.kohya_names = kohya_layer_names(model_patcher.model, network.names + [l for (l, _), _ in network.offsets.items()])
     lora.train_state = sampler.capture_state(_fingerprint(request, network))
     return lora

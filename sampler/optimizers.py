@@ -31,20 +31,6 @@ def _can_fuse(optimizer_class, params: list[torch.Tensor]) -> bool:
     return bool(params) and all(p.is_floating_point() and p.device.type in devices for p in params)
 
 
-def _fp16_safe_eps(optimizer_class, params: list[torch.Tensor]) -> dict:
-    """An ``eps`` fp16 can hold, for an unfused optimizer on fp16 parameters (lora_dtype fp16).
-
-    Unfused steps keep their state and do their arithmetic in the parameters' dtype, where the
-    default eps (1e-8) rounds to 0: an element whose gradient is 0 (all of a LoRA factor that
-    starts at zero) becomes 0/0 = NaN on the first step. fp16's smallest normal number keeps the
-    division finite. Fused steps compute in fp32 and keep the default."""
-    default = inspect.signature(optimizer_class).parameters.get("eps")
-    if default is None or not any(p.dtype == torch.float16 for p in params):
-        return {}
-    tiny = torch.finfo(torch.float16).tiny
-    return {"eps": tiny} if default.default < tiny else {}
-
-
 def make_optimizer(name: str, params, learning_rate: float) -> torch.optim.Optimizer:
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer '{name}' is unknown; choose one of {', '.join(OPTIMIZERS)}")
@@ -54,4 +40,4 @@ def make_optimizer(name: str, params, learning_rate: float) -> torch.optim.Optim
     optimizer_class = OPTIMIZERS[name]
     if _can_fuse(optimizer_class, params):
         return optimizer_class(params, lr=learning_rate, fused=True)
-    return optimizer_class(params, lr=learning_rate, **_fp16_safe_eps(optimizer_class, params))
+    return optimizer_class(params, lr=learning_rate)

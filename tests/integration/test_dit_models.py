@@ -173,3 +173,35 @@ def test_conditioning_is_stacked_on_the_training_device():
     assert {value.device.type for value in tensors.values()} == {"meta"}
     _, conds = data.draw(2, torch.Generator().manual_seed(0))
     assert conds["c_crossattn"].device.type == "meta"
+
+
+def test_training_dtype_is_what_the_layers_compute_in_under_a_manual_cast():
+    """Weights stored in bf16 and computed in fp32 (ComfyUI's manual cast, e.g. --bf16-unet on a
+    CPU): asking for bf16 training must compute in bf16, not in the manual-cast fp32."""
+    patcher = tiny_patcher("flux", weight_dtype=torch.bfloat16, manual_cast=torch.float32)
+    latents, positive = tiny_inputs("flux")
+    seen = set()
+    layer = patcher.model.diffusion_model.double_blocks[0].img_attn.proj
+    handle = layer.register_forward_hook(lambda module, args, out: seen.add(out.dtype))
+    try:
+        train_lora(patcher, latents, positive, LoraTrainingRequest(config=TrainConfig(steps=1), training_dtype="bf16",
+                                                                   gradient_checkpointing=False))
+    finally:
+        handle.remove()
+    assert seen == {torch.bfloat16}
+
+
+def test_a_16bit_lora_dtype_trains_on_fp32_master_weights_and_saves_16_bits():
+    """Adam's squared gradients underflow in fp16 and small updates round away in bf16, so the
+    adapter trains in fp32 whatever lora_dtype is; lora_dtype is the dtype it is saved in."""
+    latents, positive = tiny_inputs("flux")
+    results = {}
+    for lora_dtype in ("fp32", "fp16", "bf16"):
+        request = LoraTrainingRequest(config=TrainConfig(steps=6, learning_rate=1e-3), training_dtype="fp32",
+                                      lora_dtype=lora_dtype, gradient_checkpointing=False)
+        results[lora_dtype] = dict(train_lora(tiny_patcher("flux"), latents, positive, request).lora)
+    for lora_dtype, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        for key, reference in results["fp32"].items():
+            saved = results[lora_dtype][key]
+            assert saved.dtype == (dtype if reference.ndim > 0 else reference.dtype), key
+            assert torch.equal(saved, reference.to(saved.dtype)), key  # the same training, rounded once

@@ -17,7 +17,7 @@ import sys
 import time
 
 EXAMPLE_LORA_FILENAME = "loralab_tiny_sd15_example.safetensors"
-GENERATOR = {"generator": "loralab.example_lora", "version": "1", "steps": 6, "rank": 8, "seed": 0}
+GENERATOR = {"generator": "loralab.example_lora", "version": "2", "steps": 6, "rank": 8, "seed": 0}
 STAMP_KEY = "loralab.fixture"
 
 
@@ -58,7 +58,9 @@ def build_example_lora(out_dir: pathlib.Path, checkpoint: pathlib.Path, dataset:
         positive = [clip.encode_from_tokens_scheduled(clip.tokenize(c)) for c in images.captions]
     request = LoraTrainingRequest(
         config=TrainConfig(steps=GENERATOR["steps"], learning_rate=5e-4, optimizer="AdamW", seed=GENERATOR["seed"]),
-        rank=GENERATOR["rank"], alpha=8.0, training_dtype="fp32", gradient_checkpointing=False,
+        # the Train LoRA node's own defaults (the continue template's), so continuing from this
+        # file's training state repeats the uninterrupted run exactly on this machine
+        rank=GENERATOR["rank"], alpha=8.0, training_dtype="auto", gradient_checkpointing=True,
         captions=list(images.captions))
     result = train_lora(model, latents, positive, request)
     lora = result.lora

@@ -156,6 +156,9 @@ def test_continue_template_goes_on_from_the_example_lora_and_its_state(runs, com
     assert sorted(keys) == sorted(example_keys)  # the same layers, rank and algorithm as the file
     assert meta["ss_network_dim"] == example_meta["ss_network_dim"]
     assert f"restored optimizer state, RNG and data order of '{EXAMPLE_LORA_FILENAME}'" in run["log"]
+    # the note promises the same LoRA as one run of all the steps: the file's steps were trained in
+    # the dtype the template's steps train in (the node's defaults, resolved on this machine)
+    assert meta["ss_mixed_precision"] == example_meta["ss_mixed_precision"]
 
 
 def test_lokr_template_trains_lokr_and_saves_a_preview_every_sample_every_steps(runs):
